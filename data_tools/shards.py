@@ -1,0 +1,210 @@
+"""The one place that writes shards: atomic tars, sizes.json, manifest.json (written last).
+
+A shard is written under a hidden temp name and renamed only once it is complete and
+fsynced, so a crash never leaves a half-written ``NNNNNN.tar`` that a reader could trust.
+The manifest is the dataset's commit record: readers use only the shards it lists.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+MANIFEST = "manifest.json"
+SIZES = "sizes.json"
+FORMAT_VERSION = 1
+# A fixed member mtime makes the same input produce byte-identical shards (and sha256s).
+_MTIME = 0.0
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be used; the message names the file and the fix."""
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    n_samples: int
+    bytes: int
+    sha256: str
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_name(index: int) -> str:
+    return f"{index:06d}.tar"
+
+
+class _HashingFile:
+    """File wrapper that hashes and counts bytes as the tar stream writes them."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+class ShardWriter:
+    """Rolls samples into shards of at most ``max_count`` samples or ``max_bytes`` bytes.
+
+    Samples are dicts of ``__key__`` plus extension -> bytes/str (``jpg``, ``txt``, ``json``,
+    ``emb.npy``). webdataset's TarWriter does the tar encoding; this class adds the temp
+    name, fsync, rename and the per-shard accounting the manifest needs.
+    """
+
+    def __init__(self, out_dir: str | Path, max_count: int = 10_000, max_bytes: int = 1 << 30,
+                 start_index: int = 0) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.index = start_index
+        self.shards: list[ShardInfo] = []
+        self._tar: wds.TarWriter | None = None
+        self._file: _HashingFile | None = None
+        self._raw: Any = None
+        self._count = 0
+        self._tmp: Path | None = None
+
+    def _open(self) -> None:
+        self._tmp = self.out_dir / f".{shard_name(self.index)}.tmp"
+        self._raw = open(self._tmp, "wb")  # noqa: SIM115 - held across write() calls
+        self._file = _HashingFile(self._raw)
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=_MTIME)
+        self._count = 0
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None and self._file is not None
+        encoded = {k: (v.encode("utf-8") if isinstance(v, str) and k != "__key__" else v)
+                   for k, v in sample.items()}
+        self._tar.write(encoded)
+        self._count += 1
+        if self._count >= self.max_count or self._file.size >= self.max_bytes:
+            self.finish_shard()
+
+    def finish_shard(self) -> ShardInfo | None:
+        if self._tar is None:
+            return None
+        assert self._file is not None and self._tmp is not None
+        self._tar.close()  # writes the end-of-archive blocks through _HashingFile
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        final = self.out_dir / shard_name(self.index)
+        os.replace(self._tmp, final)
+        _fsync_dir(self.out_dir)
+        info = ShardInfo(final.name, self._count, self._file.size, self._file.sha.hexdigest())
+        self.shards.append(info)
+        self.index += 1
+        self._tar = self._file = self._raw = self._tmp = None
+        return info
+
+    def close(self) -> list[ShardInfo]:
+        self.finish_shard()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard in progress (its temp file); completed shards stay."""
+        if self._raw is not None:
+            self._raw.close()
+        if self._tmp is not None and self._tmp.exists():
+            self._tmp.unlink()
+        self._tar = self._file = self._raw = self._tmp = None
+
+
+def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
+    """sizes.json first, manifest.json last: the manifest's presence commits the dataset."""
+    out_dir = Path(out_dir)
+    shards = manifest["shards"]
+    atomic_write_json(out_dir / SIZES, {s["name"]: s["n_samples"] for s in shards})
+    manifest = {
+        "format": "webmcse-shards",
+        "version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **manifest,
+        "n_samples": sum(s["n_samples"] for s in shards),
+    }
+    path = out_dir / MANIFEST
+    atomic_write_json(path, manifest)
+    return path
+
+
+def shard_dicts(shards: list[ShardInfo]) -> list[dict[str, Any]]:
+    return [asdict(s) for s in shards]
+
+
+def load_manifest(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise DatasetError(f"{path}: no manifest. Build the folder with `webmcse-data shard-pairs` "
+                           f"or `webmcse-data shard-text` (a folder without a manifest is "
+                           f"incomplete or not a webmcse dataset)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: unreadable manifest ({exc}); rebuild the dataset") from None
+    for field in ("kind", "shards"):
+        if field not in manifest:
+            raise DatasetError(f"{path}: manifest lacks {field!r}; rebuild the dataset")
+    if manifest.get("version", 0) > FORMAT_VERSION:
+        raise DatasetError(f"{path}: format version {manifest['version']} is newer than this "
+                           f"webmcse understands ({FORMAT_VERSION}); upgrade webmcse")
+    return manifest
+
+
+def read_shard(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Samples of one local tar as ``{"__key__", ext: bytes}``, members grouped by key."""
+    with open(path, "rb") as fh:
+        members = ({**m, "__url__": str(path)} for m in tar_file_iterator(fh))
+        yield from group_by_keys(members)

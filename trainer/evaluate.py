@@ -1,0 +1,259 @@
+"""SentEval-compatible STS evaluation (cosine similarity, Spearman x 100).
+
+Read from SentEval's own file layout and processed as SentEval does (whitespace-tokenised
+and re-joined sentences, pairs without a gold score dropped, STS12-16 reported in the "all"
+setting: every subset pooled into one Spearman, plus "wmean" and per subset), so our figures
+are comparable with the SimCSE/MCSE papers. Standalone use:
+
+    python -m trainer.evaluate --model PATH_OR_NAME [--pooler mean] [--tasks stsb_dev,stsb_test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import spearmanr
+from tqdm import tqdm
+
+STS_SUBSETS = {
+    "sts12": ("STS12-en-test", ["MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"]),
+    "sts13": ("STS13-en-test", ["FNWN", "headlines", "OnWN"]),
+    "sts14": ("STS14-en-test", ["deft-forum", "deft-news", "headlines", "images", "OnWN", "tweet-news"]),
+    "sts15": ("STS15-en-test", ["answers-forums", "answers-students", "belief", "headlines", "images"]),
+    "sts16": ("STS16-en-test",
+              ["answer-answer", "headlines", "plagiarism", "postediting", "question-question"]),
+}
+TASKS = ["stsb_dev", "stsb_test", "sickr_test", *STS_SUBSETS]
+FETCH_HINT = ("download SentEval's STS data (SentEval/data/downstream/get_transfer_data.bash) and "
+              "point eval.sts_dir at the folder holding STSBenchmark/, SICK/ and STS1x-en-test/")
+
+Encoder = Callable[[list[str]], np.ndarray]
+
+
+class EvalDataError(FileNotFoundError):
+    """Evaluation data missing or malformed; the message says which file and how to get it."""
+
+
+@dataclass
+class Subset:
+    name: str
+    s1: list[str]
+    s2: list[str]
+    gold: np.ndarray
+
+
+def _senteval_tok(s: str) -> str:
+    # SentEval stores sentences as token lists (str.split) and the SimCSE batcher joins them
+    # with single spaces: the text the encoder sees has its whitespace normalised.
+    return " ".join(s.split())
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise EvalDataError(f"{path}: not found; {FETCH_HINT}")
+    return path
+
+
+def _read_lines(path: Path) -> list[str]:
+    return _need(path).read_text(encoding="utf-8").splitlines()
+
+
+def _load_sts_year(root: Path, task: str) -> list[Subset]:
+    folder, names = STS_SUBSETS[task]
+    subsets = []
+    for name in names:
+        pairs = _read_lines(root / folder / f"STS.input.{name}.txt")
+        raw = _read_lines(root / folder / f"STS.gs.{name}.txt")
+        if len(pairs) != len(raw):
+            raise EvalDataError(f"{root / folder}: STS.input.{name}.txt has {len(pairs)} lines but "
+                                f"STS.gs.{name}.txt has {len(raw)}; the copy is damaged")
+        s1, s2, gold = [], [], []
+        for lineno, (line, score) in enumerate(zip(pairs, raw, strict=True), 1):
+            if score.strip() == "":
+                continue  # SentEval drops pairs without a gold score
+            cols = line.split("\t")
+            if len(cols) < 2:
+                raise EvalDataError(f"{root / folder}/STS.input.{name}.txt:{lineno}: expected two "
+                                    f"tab-separated sentences")
+            s1.append(_senteval_tok(cols[0]))
+            s2.append(_senteval_tok(cols[1]))
+            gold.append(float(score))
+        subsets.append(Subset(name, s1, s2, np.asarray(gold)))
+    return subsets
+
+
+def _load_tsv(path: Path, c1: int, c2: int, cs: int, skip_header: bool, name: str) -> list[Subset]:
+    s1, s2, gold = [], [], []
+    for lineno, line in enumerate(_read_lines(path), 1):
+        if skip_header and lineno == 1:
+            continue
+        cols = line.strip().split("\t")
+        if len(cols) <= max(c1, c2, cs):
+            raise EvalDataError(f"{path}:{lineno}: expected at least {max(c1, c2, cs) + 1} "
+                                f"tab-separated columns")
+        s1.append(_senteval_tok(cols[c1]))
+        s2.append(_senteval_tok(cols[c2]))
+        gold.append(float(cols[cs]))
+    return [Subset(name, s1, s2, np.asarray(gold))]
+
+
+def load_task(sts_dir: str | Path, task: str) -> list[Subset]:
+    root = Path(sts_dir)
+    if not root.is_dir():
+        raise EvalDataError(f"{root}: STS data folder not found; {FETCH_HINT}")
+    if task in STS_SUBSETS:
+        return _load_sts_year(root, task)
+    if task in ("stsb_dev", "stsb_test"):
+        split = task.split("_")[1]
+        return _load_tsv(root / "STSBenchmark" / f"sts-{split}.csv", 5, 6, 4, False, task)
+    if task == "sickr_test":
+        return _load_tsv(root / "SICK" / "SICK_test_annotated.txt", 1, 2, 3, True, task)
+    raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+
+
+def _cosine(a_ND: np.ndarray, b_ND: np.ndarray) -> np.ndarray:
+    a = a_ND.astype(np.float64)
+    b = b_ND.astype(np.float64)
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return np.nan_to_num(num / np.where(den == 0, 1.0, den))
+
+
+def _spearman(pred: np.ndarray, gold: np.ndarray) -> float:
+    return float(spearmanr(pred, gold).statistic) * 100.0
+
+
+def evaluate_tasks(encode: Encoder, sts_dir: str | Path,
+                   tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Spearman x100 per task: {"task": {"spearman": all, "wmean": ..., "subsets": {...}}}."""
+    loaded = {t: load_task(sts_dir, t) for t in tasks}
+    # Encode every distinct sentence once across all tasks (STS shares many sentences).
+    unique = sorted({s for subs in loaded.values() for sub in subs for s in (*sub.s1, *sub.s2)})
+    vecs = encode(unique)
+    index = {s: i for i, s in enumerate(unique)}
+    results: dict[str, dict[str, Any]] = {}
+    for task, subsets in loaded.items():
+        preds, golds, per = [], [], {}
+        for sub in subsets:
+            pred = _cosine(vecs[[index[s] for s in sub.s1]], vecs[[index[s] for s in sub.s2]])
+            per[sub.name] = {"spearman": _spearman(pred, sub.gold), "n": len(sub.gold)}
+            preds.append(pred)
+            golds.append(sub.gold)
+        entry: dict[str, Any] = {"spearman": _spearman(np.concatenate(preds), np.concatenate(golds)),
+                                 "n": int(sum(len(g) for g in golds))}
+        if len(subsets) > 1:
+            entry["wmean"] = sum(v["spearman"] * v["n"] for v in per.values()) / entry["n"]
+            entry["subsets"] = per
+        results[task] = entry
+    return results
+
+
+def make_encoder(model: Any, tokenizer: Any, pooler: str, *, batch_size: int = 128,
+                 max_len: int = 0, device: Any = "cpu", progress: bool = True,
+                 desc: str = "encode") -> Encoder:
+    """Batched sentence encoder over an :class:`~trainer.model.MCSEModel`.
+
+    Sentences are sorted by length so each batch pads little (results do not depend on the
+    order: attention masks hide the padding). ``max_len=0`` truncates only at the model's
+    position limit, as SentEval's batcher does.
+    """
+    import torch
+
+    limit = max_len or int(getattr(model.encoder.config, "max_position_embeddings", 512))
+
+    def encode(sentences: list[str]) -> np.ndarray:
+        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+        out = np.zeros((len(sentences), 0), dtype=np.float32)
+        chunks: list[np.ndarray] = []
+        was_training = model.training
+        model.eval()
+        try:
+            for start in tqdm(range(0, len(order), batch_size), desc=desc, unit=" batch",
+                              disable=not progress, leave=False):
+                idx = order[start:start + batch_size]
+                toks = tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
+                                 max_length=limit, return_tensors="pt")
+                toks = {k: v.to(device) for k, v in toks.items()}
+                with torch.inference_mode():
+                    emb = model.sentence_embedding(toks, pooler)
+                chunks.append(emb.float().cpu().numpy())
+        finally:
+            model.train(was_training)
+        if chunks:
+            out = np.concatenate(chunks)
+        result = np.empty_like(out)
+        result[order] = out
+        return result
+
+    return encode
+
+
+def results_markdown(results: dict[str, dict[str, Any]], title: str = "") -> str:
+    """One table: task, Spearman x100 (all), wmean where defined, n pairs."""
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| task | Spearman x100 | wmean | pairs |", "| --- | ---: | ---: | ---: |"]
+    for task, r in results.items():
+        wmean = f"{r['wmean']:.2f}" if "wmean" in r else ""
+        lines.append(f"| {task} | {r['spearman']:.2f} | {wmean} | {r['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _load_for_eval(name_or_path: str) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
+
+    from trainer.model import META_FILE, MCSEModel, resolve_name
+
+    path = resolve_name(name_or_path)
+    if (Path(path) / META_FILE).is_file():
+        model = MCSEModel.load(path)
+    else:
+        model = MCSEModel.from_pretrained_encoder(path, image_dim=0)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder, HF id or gt:all-MiniLM-L6-v2")
+    p.add_argument("--pooler", default="cls_before_pooler",
+                   choices=["cls_before_pooler", "cls", "mean", "avg_first_last"])
+    p.add_argument("--tasks", default="stsb_dev,stsb_test", help=f"comma list of {', '.join(TASKS)}")
+    p.add_argument("--sts-dir", default="data/senteval")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="write results json (and .md beside it) here")
+    args = p.parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        print(f"error: --tasks: unknown {', '.join(unknown)} (known: {', '.join(TASKS)})", file=sys.stderr)
+        return 2
+    try:
+        for t in tasks:
+            load_task(args.sts_dir, t)  # fail before loading the model
+    except EvalDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model, tok = _load_for_eval(args.model)
+    model.to(args.device)
+    enc = make_encoder(model, tok, args.pooler, batch_size=args.batch_size, device=args.device)
+    results = evaluate_tasks(enc, args.sts_dir, tasks)
+    table = results_markdown(results, f"{args.model} ({args.pooler})")
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        out.with_suffix(".md").write_text(table, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

