@@ -23,6 +23,6 @@ $bin/webmcse-data embed $out/coco_cc --encoder efficientnet_lite0
 echo "== [3/4] shard the Wiki1M sentences  ($(elapsed))"
 $bin/webmcse-data shard-text sample/wiki1m/wiki1m_first5000.txt --out $out/wiki1m --shard-size 1000 --overwrite
 echo "== [4/4] train MCSE, evaluate STS-B dev before/after, log to MLflow  ($(elapsed))"
-$bin/accelerate launch --config_file configs/accelerate/cpu.yaml \
+$bin/accelerate launch --config_file configs/accelerate/cpu.yaml --num_cpu_threads_per_process "$(nproc)" \
   trainer/run.py --config configs/quickstart.yaml "$@"
 echo "== quickstart finished in $(elapsed). Browse the run: .venv/bin/mlflow ui  (from $(pwd))"

@@ -183,9 +183,10 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
     streams = BatchStreams(sources, tokenizer, cfg.data, seed=cfg.train.seed, rank=rank, world=world,
                            image_dim=image_dim)
 
-    every = schedule.caption_every if cfg.data.schedule == "mcse" else f"1/{cfg.data.caption_ratio:g}"
-    log.info("run %s: %d steps (%d per epoch), global batch %d on %d process(es), caption batch "
-             "every %s step(s); sources: %s", run_name, total_steps, schedule.steps_per_epoch,
+    every = (f"one every {schedule.caption_every} steps" if cfg.data.schedule == "mcse"
+             else f"{cfg.data.caption_ratio:.0%} of steps")
+    log.info("run %s: %d steps (%d per epoch), global batch %d on %d process(es), caption batches: "
+             "%s; sources: %s", run_name, total_steps, schedule.steps_per_epoch,
              global_batch, world, every, ", ".join(f"{s.name} ({s.kind}, {s.n_samples})" for s in sources))
 
     state = TrainState()
@@ -256,7 +257,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
     tracker.finish("FINISHED")
     accelerator.wait_for_everyone()
     if is_main:
-        print(summary["table"])
+        print("\n" + summary["table"])
         print(tracker.describe())
     return summary
 
