@@ -100,6 +100,9 @@ class LossConfig:
     captions alone)."""
     symmetric: bool = False
     """Add the image->text direction to the multimodal term (MCSE is text->image only)."""
+    learnable_temperature: bool = False
+    """Learn both temperatures (CLIP-style log(1/τ), initialised from the values above,
+    clamped to τ in [0.01, 1] after every step, no weight decay) instead of fixing them."""
 
 
 @dataclass
@@ -130,6 +133,14 @@ class TrainConfig:
     """Seeds model init of the heads, dropout and data order."""
     precision: Literal["no", "fp16", "bf16"] = "no"
     """Mixed precision passed to Accelerate."""
+    grad_cache_chunk: int = 0
+    """Gradient caching: encode each rank's batch in chunks of this many sentences (0 = off).
+    The contrastive loss still sees the whole global batch and the gradients are exact, so the
+    batch can outgrow memory (GradCache). Must divide data.batch_size."""
+    grad_checkpointing: bool = False
+    """Recompute the text encoder's activations in backward to save memory."""
+    compile: bool = False
+    """torch.compile the model (first steps are slow while it compiles)."""
     log_every: int = 10
     """Log metrics every N steps."""
     output_dir: str = "runs"
@@ -180,6 +191,10 @@ class DistributedConfig:
     """Path of a DeepSpeed JSON config; empty trains with plain DDP (or one process)."""
     zero_stage: int = -1
     """Override the ZeRO stage of the DeepSpeed config (-1 keeps the file's)."""
+    eval_wait_timeout_s: float = 7200.0
+    """How long other ranks wait for rank 0's evaluation. They poll the rendezvous store
+    instead of sitting in a collective, so a long evaluation never trips the collective
+    timeout; past this limit the job stops with an error naming rank 0."""
 
 
 @dataclass
@@ -462,6 +477,10 @@ def validate(cfg: Config) -> None:
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}")
     t = cfg.train
+    _require(t.grad_cache_chunk >= 0, "train.grad_cache_chunk", f"must be >= 0, got {t.grad_cache_chunk}")
+    if t.grad_cache_chunk:
+        _require(d.batch_size % t.grad_cache_chunk == 0, "train.grad_cache_chunk",
+                 f"{t.grad_cache_chunk} does not divide data.batch_size={d.batch_size}")
     _require(t.epochs > 0 or t.max_steps > 0, "train.epochs",
              "must be > 0 unless train.max_steps is set")
     _require(t.max_steps >= 0, "train.max_steps", f"must be >= 0, got {t.max_steps}")
@@ -483,6 +502,5 @@ def validate(cfg: Config) -> None:
     di = cfg.distributed
     _require(di.zero_stage in (-1, 0, 1, 2, 3), "distributed.zero_stage",
              f"must be 0, 1, 2 or 3 (or -1 to keep the DeepSpeed file's), got {di.zero_stage}")
-    if di.zero_stage >= 0:
-        _require(bool(di.deepspeed_config), "distributed.zero_stage",
-                 "needs distributed.deepspeed_config")
+    _require(di.eval_wait_timeout_s > 0, "distributed.eval_wait_timeout_s",
+             f"must be > 0, got {di.eval_wait_timeout_s}")

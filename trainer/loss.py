@@ -74,6 +74,28 @@ class MCSEOutputs:
     """(g1_BP, g2_BP): text projections into the grounding space (caption batches only)."""
     image_BP: torch.Tensor | None = None
     """Image projections into the grounding space (caption batches only)."""
+    temperatures: torch.Tensor | None = None
+    """(τ, τ_vl) when the model learns them; None means the configured constants."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor field in a fixed order (gradient caching stores and replays these)."""
+        out = [*self.sim_views]
+        if self.ground_views is not None and self.image_BP is not None:
+            out += [*self.ground_views, self.image_BP]
+        if self.temperatures is not None:
+            out.append(self.temperatures)
+        return out
+
+    def with_tensors(self, tensors: list[torch.Tensor]) -> MCSEOutputs:
+        """The same structure over replacement tensors (inverse of :meth:`tensors`)."""
+        it = iter(tensors)
+        out = MCSEOutputs(sim_views=(next(it), next(it)))
+        if self.ground_views is not None and self.image_BP is not None:
+            out.ground_views = (next(it), next(it))
+            out.image_BP = next(it)
+        if self.temperatures is not None:
+            out.temperatures = next(it)
+        return out
 
 
 def mcse_loss(
@@ -86,7 +108,11 @@ def mcse_loss(
     gather: Gather = _identity,
     offset: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Total loss and its terms: L_simcse (+ λ·L_mm on caption batches)."""
+    """Total loss and its terms: L_simcse (+ λ·L_mm on caption batches).
+
+    Learned temperatures in ``out.temperatures`` take precedence over the constants."""
+    if out.temperatures is not None:
+        temperature, temperature_vl = out.temperatures[0], out.temperatures[1]
     z1_BD, z2_BD = out.sim_views
     terms = {"loss_simcse": simcse_loss(z1_BD, gather(z2_BD), temperature, offset)}
     total = terms["loss_simcse"]

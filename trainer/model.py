@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,8 @@ def masked_mean(hidden_BLH: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor
 
 class MCSEModel(nn.Module):
     def __init__(self, encoder: nn.Module, *, image_dim: int, proj_dim: int = 256,
-                 pooler: str = "cls", mlp_head: bool = True) -> None:
+                 pooler: str = "cls", mlp_head: bool = True,
+                 learnable_temperatures: tuple[float, float] | None = None) -> None:
         super().__init__()
         hidden = int(encoder.config.hidden_size)
         self.encoder = encoder
@@ -92,13 +94,32 @@ class MCSEModel(nn.Module):
         self.image_head = ProjectionHead(image_dim, proj_dim) if image_dim > 0 else None
         self.image_dim = image_dim
         self.proj_dim = proj_dim
+        # CLIP-style learnable temperatures stored as log(1/τ). Fixed temperatures (MCSE) live
+        # in the loss config instead.
+        self.log_inv_tau: nn.Parameter | None = None
+        if learnable_temperatures is not None:
+            init = torch.tensor([-math.log(t) for t in learnable_temperatures])
+            self.log_inv_tau = nn.Parameter(init)
 
+    def temperatures(self) -> torch.Tensor:
+        """τ clamped to [0.01, 1] in the forward pass, with a straight-through gradient.
+
+        Clamping the stored value after each step (CLIP) does not survive DeepSpeed, whose
+        optimizer overwrites the model's copy from its own master weights; a clamp in the
+        forward pass is the same on every engine, and the straight-through gradient lets a
+        parameter that crossed a bound come back.
+        """
+        assert self.log_inv_tau is not None
+        raw = self.log_inv_tau
+        clamped = raw + (raw.clamp(0.0, math.log(100.0)) - raw).detach()
+        return torch.exp(-clamped)
     # ---------------------------------------------------------------- construction / export
 
     @classmethod
     def from_pretrained_encoder(cls, name_or_path: str, *, image_dim: int, proj_dim: int = 256,
-                                pooler: str = "cls", mlp_head: bool = True,
-                                dropout: float = -1.0) -> MCSEModel:
+                                pooler: str = "cls", mlp_head: bool = True, dropout: float = -1.0,
+                                learnable_temperatures: tuple[float, float] | None = None,
+                                load_weights: bool = True) -> MCSEModel:
         from transformers import AutoConfig, AutoModel
 
         path = resolve_name(name_or_path)
@@ -108,8 +129,15 @@ class MCSEModel(nn.Module):
                          "attention_dropout"):
                 if hasattr(config, attr):
                     setattr(config, attr, dropout)
-        encoder = _load_encoder(AutoModel, path, config)
-        return cls(encoder, image_dim=image_dim, proj_dim=proj_dim, pooler=pooler, mlp_head=mlp_head)
+        if load_weights:
+            encoder = _load_encoder(AutoModel, path, config)
+        else:
+            try:
+                encoder = AutoModel.from_config(config, add_pooling_layer=False)
+            except TypeError:
+                encoder = AutoModel.from_config(config)
+        return cls(encoder, image_dim=image_dim, proj_dim=proj_dim, pooler=pooler, mlp_head=mlp_head,
+                   learnable_temperatures=learnable_temperatures)
 
     def save_pretrained(self, folder: str | Path, tokenizer: Any = None,
                         extra: dict[str, Any] | None = None) -> None:
@@ -123,16 +151,18 @@ class MCSEModel(nn.Module):
         heads = {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
         torch.save(heads, folder / HEADS_FILE)
         meta = {"pooler": self.pooler, "mlp_head": self.mlp is not None, "proj_dim": self.proj_dim,
-                "image_dim": self.image_dim, **(extra or {})}
+                "image_dim": self.image_dim, "learnable_temperature": self.log_inv_tau is not None,
+                **(extra or {})}
         (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, folder: str | Path) -> MCSEModel:
         folder = Path(folder)
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-        model = cls.from_pretrained_encoder(str(folder), image_dim=meta["image_dim"],
-                                            proj_dim=meta["proj_dim"], pooler=meta["pooler"],
-                                            mlp_head=meta["mlp_head"])
+        model = cls.from_pretrained_encoder(
+            str(folder), image_dim=meta["image_dim"], proj_dim=meta["proj_dim"], pooler=meta["pooler"],
+            mlp_head=meta["mlp_head"],
+            learnable_temperatures=(1.0, 1.0) if meta.get("learnable_temperature") else None)
         heads = torch.load(folder / HEADS_FILE, map_location="cpu", weights_only=True)
         missing, unexpected = model.load_state_dict(heads, strict=False)
         if unexpected or any(not k.startswith("encoder.") for k in missing):
@@ -160,6 +190,8 @@ class MCSEModel(nn.Module):
         pooled_2BH = self.pool(out.last_hidden_state, doubled["attention_mask"])
         z_2BH = self.mlp(pooled_2BH) if self.mlp is not None else pooled_2BH
         result = MCSEOutputs(sim_views=(z_2BH[:B], z_2BH[B:]))
+        if self.log_inv_tau is not None:
+            result.temperatures = self.temperatures()
         image = batch.get("image_emb")
         if image is not None:
             if self.image_head is None:

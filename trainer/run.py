@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from trainer.data import DataError
+    from trainer.engine import build_accelerator
     from trainer.evaluate import EvalDataError
-    from trainer.train import build_accelerator, train
+    from trainer.train import train
 
     accelerator = build_accelerator(cfg)
     try:

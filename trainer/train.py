@@ -23,9 +23,17 @@ from trainer import dist
 from trainer.checkpoint import export_model
 from trainer.config import Config, flatten, save_config
 from trainer.data import BatchStreams, DataError, Schedule, open_source
+from trainer.engine import (
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    eval_copy,
+    unsharded_construction,
+    zero_stage,
+)
 from trainer.evaluate import evaluate_tasks, load_task, make_encoder, results_markdown
-from trainer.loss import mcse_loss
 from trainer.model import MCSEModel, resolve_name
+from trainer.step import train_step
 from trainer.tracking import make_tracker, run_tags
 
 log = logging.getLogger("webmcse.train")
@@ -59,53 +67,11 @@ def setup_logging(is_main: bool) -> None:
         transformers.logging.set_verbosity_error()
 
 
-def build_accelerator(cfg: Config) -> Any:
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
-
-    kwargs: dict[str, Any] = {
-        "mixed_precision": cfg.train.precision,
-        # Our streams are already sharded per rank; never let rank 0 read and dispatch.
-        "dataloader_config": DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
-    }
-    if cfg.distributed.deepspeed_config:
-        from accelerate.utils import DeepSpeedPlugin
-
-        stage = cfg.distributed.zero_stage
-        plugin = DeepSpeedPlugin(hf_ds_config=cfg.distributed.deepspeed_config,
-                                 zero_stage=stage if stage >= 0 else None)
-        kwargs["deepspeed_plugin"] = plugin
-    return Accelerator(**kwargs)
-
-
 def default_run_name(cfg: Config, world: int) -> str:
     model = Path(cfg.model.name_or_path.rstrip("/")).name.replace(":", "-") or "model"
     kinds = "+".join(sorted({s.kind for s in cfg.data.sources}))
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{model}-{kinds}-b{cfg.data.batch_size * world}-lr{cfg.optim.lr:g}-{stamp}"
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _lr_lambda(kind: str, warmup: int, total: int) -> Any:
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return max(0.0, 1.0 - progress)
-
-    return f
 
 
 class _Averager:
@@ -158,7 +124,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
 
     # ---- run folder and tracking (rank 0 decides the name; every rank uses it)
     run_name = cfg.train.run_name or default_run_name(cfg, world)
-    run_name = accelerator_broadcast(accelerator, run_name)
+    run_name = dist.broadcast_object(run_name)
     run_dir = Path(cfg.train.output_dir) / run_name
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -169,17 +135,12 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
     tracker.log_artifact(run_dir / "config.yaml")
 
     # ---- model and optimizer
-    path = resolve_name(cfg.model.name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = MCSEModel.from_pretrained_encoder(path, image_dim=image_dim, proj_dim=cfg.model.proj_dim,
-                                              pooler=cfg.model.pooler, mlp_head=cfg.model.mlp_head,
-                                              dropout=cfg.model.dropout)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr,
-                                  betas=(o.betas[0], o.betas[1]), eps=o.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(o.schedule, o.warmup_steps, total_steps))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_name(cfg.model.name_or_path))
+    model = build_model(cfg, image_dim)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    dist.setup_long_waits(cfg.distributed.eval_wait_timeout_s)
     streams = BatchStreams(sources, tokenizer, cfg.data, seed=cfg.train.seed, rank=rank, world=world,
                            image_dim=image_dim)
 
@@ -190,7 +151,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
              global_batch, world, every, ", ".join(f"{s.name} ({s.kind}, {s.n_samples})" for s in sources))
 
     state = TrainState()
-    evaluator = _Evaluator(cfg, accelerator, tokenizer, tracker, run_dir)
+    evaluator = _Evaluator(cfg, accelerator, tokenizer, tracker, run_dir, image_dim)
     if cfg.eval.at_start:
         state.before_metric = evaluator.dev(model, state, 0, consider_best=False)
 
@@ -207,26 +168,14 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         wait_acc += time.perf_counter() - t0
 
-        with accelerator.autocast():
-            out = model(batch)
-            losses = mcse_loss(out, temperature=cfg.loss.temperature,
-                               temperature_vl=cfg.loss.temperature_vl, lambda_mm=cfg.loss.lambda_mm,
-                               symmetric=cfg.loss.symmetric, gather=dist.all_gather_with_grad,
-                               offset=rank * len(keys))
-        accelerator.backward(losses["loss"])
-        grad_norm = None
-        if cfg.optim.grad_clip > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        result = train_step(model, optimizer, scheduler, batch, cfg, accelerator)
 
         state.step = step + 1
         state.samples_seen += len(keys) * world
         state.caption_steps += int(source.kind == "pairs")
-        step_metrics = {k: float(v.detach()) for k, v in losses.items()}
-        if grad_norm is not None:
-            step_metrics["grad_norm"] = float(grad_norm)
+        step_metrics = dict(result.losses)
+        if result.grad_norm is not None:
+            step_metrics["grad_norm"] = result.grad_norm
         avg.add(step_metrics)
         bar.update(1)
 
@@ -236,6 +185,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
             n_steps = state.step % cfg.train.log_every or cfg.train.log_every
             metrics.update({
                 "lr": scheduler.get_last_lr()[0],
+                **_temperature_metrics(accelerator, model),
                 "samples_per_s": n_steps * global_batch / max(elapsed, 1e-9),
                 "data_wait_frac": wait_acc / max(elapsed, 1e-9),
                 "skipped_samples": streams.skipped,
@@ -254,33 +204,39 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
     if cfg.train.save_final:
         evaluator.export(model, run_dir / "final", state, state.after_metric)
     summary = evaluator.final(state, total_steps)
+    dist.wait_for_main("the final evaluation")
     tracker.finish("FINISHED")
-    accelerator.wait_for_everyone()
     if is_main:
         print("\n" + summary["table"])
         print(tracker.describe())
     return summary
 
 
-def accelerator_broadcast(accelerator: Any, value: str) -> str:
-    from accelerate.utils import broadcast_object_list
-
-    if accelerator.num_processes == 1:
-        return value
-    box = [value]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
+def _temperature_metrics(accelerator: Any, model: Any) -> dict[str, float]:
+    unwrapped = accelerator.unwrap_model(model)
+    if unwrapped.log_inv_tau is None or zero_stage(accelerator) == 3:
+        return {}
+    with torch.no_grad():
+        tau = unwrapped.temperatures()
+    return {"temperature": float(tau[0]), "temperature_vl": float(tau[1])}
 
 
 class _Evaluator:
-    """Dev evaluation on rank 0, best-model export, and the end-of-run report."""
+    """Dev evaluation on rank 0, best-model export, and the end-of-run report.
 
-    def __init__(self, cfg: Config, accelerator: Any, tokenizer: Any, tracker: Any, run_dir: Path) -> None:
+    Every rank calls :meth:`dev` and :meth:`export` (under ZeRO-3 the weights must be gathered
+    collectively first); rank 0 then works alone while the others wait on the long-wait group,
+    which cannot trip the collective timeout however long the evaluation takes.
+    """
+
+    def __init__(self, cfg: Config, accelerator: Any, tokenizer: Any, tracker: Any, run_dir: Path,
+                 image_dim: int) -> None:
         self.cfg = cfg
         self.acc = accelerator
         self.tok = tokenizer
         self.tracker = tracker
         self.run_dir = run_dir
+        self.image_dim = image_dim
         self.history: list[dict[str, Any]] = []
 
     def _encoder(self, model: Any, desc: str) -> Any:
@@ -289,13 +245,13 @@ class _Evaluator:
                             device=self.acc.device, progress=True, desc=desc)
 
     def dev(self, model: Any, state: TrainState, step: int, consider_best: bool = True) -> float | None:
-        """Evaluate the dev task on rank 0; the other ranks wait at the barrier."""
+        """Evaluate the dev task on rank 0 (and export it if it is the best so far)."""
         score = None
-        if self.acc.is_main_process:
+        solo = eval_copy(self.acc, model, self.cfg, self.image_dim)
+        if solo is not None:
             task = self.cfg.eval.dev_task
-            unwrapped = self.acc.unwrap_model(model)
             t0 = time.perf_counter()
-            encoder = self._encoder(unwrapped, f"eval {task} @ {step}")
+            encoder = self._encoder(solo, f"eval {task} @ {step}")
             res = evaluate_tasks(encoder, self.cfg.eval.sts_dir, [task])
             score = res[task]["spearman"]
             self.history.append({"step": step, task: score})
@@ -304,17 +260,20 @@ class _Evaluator:
             if consider_best and score > state.best_metric:
                 state.best_metric, state.best_step = score, step
                 if self.cfg.train.save_best:
-                    self.export(model, self.run_dir / "best", state, score)
-        self.acc.wait_for_everyone()
+                    self._export(solo, self.run_dir / "best", state, score)
+        dist.wait_for_main("the evaluation")
         return score
 
     def export(self, model: Any, folder: Path, state: TrainState, score: float | None) -> None:
-        if not self.acc.is_main_process:
-            return
+        solo = eval_copy(self.acc, model, self.cfg, self.image_dim)
+        if solo is not None:
+            self._export(solo, folder, state, score)
+        dist.wait_for_main(f"the export to {folder}")
+
+    def _export(self, solo: Any, folder: Path, state: TrainState, score: float | None) -> None:
         info = {"step": state.step, "dev_task": self.cfg.eval.dev_task, "dev_spearman": score,
                 "eval_pooler": self.cfg.eval.pooler}
-        export_model(self.acc.unwrap_model(model), self.tok, folder, info)
-
+        export_model(solo, self.tok, folder, info)
     def final(self, state: TrainState, total_steps: int) -> dict[str, Any]:
         """Evaluate the best model on the final tasks; write and log results."""
         summary: dict[str, Any] = {"state": asdict(state), "history": self.history, "table": ""}
@@ -331,7 +290,8 @@ class _Evaluator:
         table = "\n".join(lines) + "\n"
         best_dir = self.run_dir / "best"
         if self.cfg.eval.final_tasks and best_dir.is_dir():
-            best = MCSEModel.load(best_dir).to(self.acc.device)
+            with unsharded_construction(self.acc):
+                best = MCSEModel.load(best_dir).to(self.acc.device)
             res = evaluate_tasks(self._encoder(best, "final eval"), self.cfg.eval.sts_dir,
                                  self.cfg.eval.final_tasks)
             summary["final"] = res

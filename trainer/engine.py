@@ -1,0 +1,225 @@
+"""Building the training engine: Accelerator (plain, DDP or DeepSpeed ZeRO 1/2/3), model,
+optimizer and learning-rate schedule.
+
+The choices here are the ones that silently break contrastive training when left to
+defaults: DataLoaders are never dispatched from rank 0 (our streams are already per rank),
+the LR scheduler is stepped by us once per optimizer step (Accelerate would step a prepared
+scheduler once per *process*), DeepSpeed on CPU gets gloo, and DDP tolerates the grounding
+heads sitting idle on text-only steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import Config
+from trainer.model import MCSEModel, resolve_name
+
+log = logging.getLogger("webmcse.engine")
+
+
+def grad_cache_chunks(cfg: Config) -> int:
+    """Number of encoder passes per optimizer step (1 without gradient caching)."""
+    chunk = cfg.train.grad_cache_chunk
+    return cfg.data.batch_size // chunk if chunk and chunk < cfg.data.batch_size else 1
+
+
+def _deepspeed_config(cfg: Config) -> dict[str, Any] | None:
+    """The DeepSpeed config to use, from the run config or `accelerate launch --use_deepspeed`."""
+    d = cfg.distributed
+    path = d.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    use_env = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if path:
+        try:
+            ds = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"distributed.deepspeed_config={path}: file not found") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    elif d.zero_stage >= 0 or use_env:
+        env_stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
+        stage = d.zero_stage if d.zero_stage >= 0 else env_stage
+        ds = {"zero_optimization": {"stage": stage}}
+    else:
+        return None
+    ds = copy.deepcopy(ds)
+    zero = ds.setdefault("zero_optimization", {})
+    if d.zero_stage >= 0:
+        zero["stage"] = d.zero_stage
+    if zero.get("stage") == 3:
+        # Needed to save/export full weights from a ZeRO-3 run.
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    chunks = grad_cache_chunks(cfg)
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size // chunks
+    ds["gradient_accumulation_steps"] = chunks
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    ds.setdefault("steps_per_print", 10**9)
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ValueError(f"DeepSpeed config {path or '(built-in)'}: remove the '{key}' section; "
+                             f"webmcse builds the optimizer and schedule from the optim config")
+    return ds
+
+
+def build_accelerator(cfg: Config) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        DistributedDataParallelKwargs,
+        InitProcessGroupKwargs,
+    )
+
+    on_cpu = not torch.cuda.is_available()
+    ds = _deepspeed_config(cfg)
+    kwargs: dict[str, Any] = {
+        "mixed_precision": cfg.train.precision,
+        "gradient_accumulation_steps": grad_cache_chunks(cfg),
+        "dataloader_config": DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
+        # Text-only steps leave the grounding heads without gradients.
+        "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)],
+    }
+    if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        kwargs["kwargs_handlers"].append(InitProcessGroupKwargs(backend="gloo"))
+    if ds is not None:
+        from accelerate.utils import DeepSpeedPlugin
+
+        if on_cpu:
+            import deepspeed
+
+            # The shared-memory comm op is JIT-compiled on first use (minutes); gloo does the job.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
+    elif on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        kwargs["cpu"] = True  # without it each CPU rank would silently train alone as world 1
+    if cfg.train.compile:
+        kwargs["dynamo_backend"] = "inductor"
+    return Accelerator(**kwargs)
+
+
+def zero_stage(accelerator: Any) -> int:
+    """ZeRO stage of the run (-1 when DeepSpeed is not used)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else -1
+
+
+def build_model(cfg: Config, image_dim: int, pretrained: bool = True) -> MCSEModel:
+    """The MCSE model of a run; ``pretrained=False`` builds the same architecture with
+    untrained weights (a container for weights loaded next)."""
+    lo = cfg.loss
+    model = MCSEModel.from_pretrained_encoder(
+        resolve_name(cfg.model.name_or_path), image_dim=image_dim, proj_dim=cfg.model.proj_dim,
+        pooler=cfg.model.pooler, mlp_head=cfg.model.mlp_head, dropout=cfg.model.dropout,
+        learnable_temperatures=(lo.temperature, lo.temperature_vl) if lo.learnable_temperature else None,
+        load_weights=pretrained)
+    if cfg.train.grad_checkpointing:
+        enable_checkpointing(model.encoder)
+    return model
+
+
+def enable_checkpointing(encoder: Any) -> None:
+    """Activation checkpointing of the encoder (non-reentrant: works with DDP's
+    find_unused_parameters and keeps the dropout RNG state for the recomputation)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms and temperatures (every tensor of rank < 2)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    # A torch optimizer also under DeepSpeed: ZeRO partitions it like its own, and nothing
+    # has to be JIT-compiled (FusedAdam/CPUAdam).
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.betas[0], o.betas[1]),
+                             eps=o.eps)
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Any:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return f
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    """Created on the *unprepared* optimizer and stepped by the loop once per optimizer step."""
+    o = cfg.optim
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.schedule, o.warmup_steps, total_steps))
+
+
+def full_state_dict(accelerator: Any, model: Any) -> dict[str, torch.Tensor] | None:
+    """Full (unsharded) weights on rank 0; collective under ZeRO-3, so call it on every rank."""
+    state = accelerator.get_state_dict(model, unwrap=True)
+    if not accelerator.is_main_process:
+        return None
+    # A copy, never a view of live parameters (on CPU `.cpu()` would alias them).
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def unsharded_construction(accelerator: Any) -> Iterator[None]:
+    """Build models normally even while a ZeRO-3 run is active.
+
+    With ZeRO-3, Accelerate registers the DeepSpeed config with transformers, which then
+    partitions every model it constructs (a collective). A model built by rank 0 alone must
+    not be partitioned, so the registration is lifted for the duration and restored after.
+    (Accelerate's own ``zero3_init_context_manager(enable=False)`` re-registers the config
+    and does not stop the partitioning.)
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def eval_copy(accelerator: Any, model: Any, cfg: Config, image_dim: int) -> Any:
+    """A model rank 0 can evaluate and export alone; None on other ranks.
+
+    Every rank must call it: under ZeRO-3 the weights are sharded, so they are gathered
+    (collectively) and loaded into an unsharded twin built on rank 0 outside ZeRO-3's
+    partitioning context. Otherwise it is simply the unwrapped training model.
+    """
+    if zero_stage(accelerator) != 3:
+        return accelerator.unwrap_model(model) if accelerator.is_main_process else None
+    state = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return None
+    with unsharded_construction(accelerator):
+        twin = build_model(cfg, image_dim, pretrained=False)
+    twin.load_state_dict(state, strict=True)
+    return twin.to(accelerator.device)

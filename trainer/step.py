@@ -1,0 +1,134 @@
+"""One optimizer step: forward, MCSE loss with gathered negatives, backward, clip, update.
+
+With ``train.grad_cache_chunk`` set, the step uses gradient caching (GradCache): every chunk
+of the rank's batch is first encoded without a graph, the loss is computed over the whole
+global batch on those cached embeddings, and each chunk is then re-encoded with a graph and
+back-propagated with its slice of the embedding gradient. Three details make it exact:
+
+- the dropout masks of the second pass equal the first pass's (RNG state replayed per chunk);
+- the cached embeddings are leaves whose gradients include what *other* ranks' losses send
+  back through the autograd all-gather;
+- a learned temperature receives its gradient once per step, from the cached-loss backward,
+  not once per chunk (the K-times-too-large gradient of open_clip's accum-freq).
+
+Gradient synchronisation happens once per step: Accelerate's ``accumulate`` keeps DDP in
+``no_sync`` and DeepSpeed off its accumulation boundary until the last chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trainer import dist
+from trainer.config import Config
+from trainer.loss import mcse_loss
+
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "image_emb")
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]
+    grad_norm: float | None
+
+
+def _loss_kwargs(cfg: Config, offset: int) -> dict[str, Any]:
+    lo = cfg.loss
+    return {"temperature": lo.temperature, "temperature_vl": lo.temperature_vl, "lambda_mm": lo.lambda_mm,
+            "symmetric": lo.symmetric, "gather": dist.all_gather_with_grad, "offset": offset}
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _chunks(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    n = batch["input_ids"].shape[0]
+    return [{k: v[i:i + size] for k, v in batch.items() if k in TEXT_KEYS} for i in range(0, n, size)]
+
+
+def forward_backward(model: Any, batch: dict[str, torch.Tensor], cfg: Config,
+                     accelerator: Any) -> dict[str, float]:
+    """Loss terms of this rank's batch; gradients are left in the parameters."""
+    B = batch["input_ids"].shape[0]
+    kwargs = _loss_kwargs(cfg, offset=accelerator.process_index * B)
+    chunk = cfg.train.grad_cache_chunk
+    if not chunk or chunk >= B:
+        with accelerator.autocast():
+            losses = mcse_loss(model(batch), **kwargs)
+        accelerator.backward(losses["loss"])
+        return {k: float(v.detach()) for k, v in losses.items()}
+    return _cached_forward_backward(model, batch, chunk, kwargs, accelerator)
+
+
+def _cached_forward_backward(model: Any, batch: dict[str, torch.Tensor], chunk: int,
+                             loss_kwargs: dict[str, Any], accelerator: Any) -> dict[str, float]:
+    device = batch["input_ids"].device
+    parts = _chunks(batch, chunk)
+    K = len(parts)
+
+    # Pass 1: embeddings of every chunk, no graph; remember each chunk's RNG state.
+    states, outs = [], []
+    with torch.no_grad():
+        for part in parts:
+            states.append(_rng_state(device))
+            with accelerator.autocast():
+                outs.append(model(part))
+    resume_state = _rng_state(device)
+    per_chunk = [o.tensors() for o in outs]
+    has_tau = outs[0].temperatures is not None
+    n_rows = len(per_chunk[0]) - int(has_tau)
+    cached = [torch.cat([p[i] for p in per_chunk]) for i in range(n_rows)]
+    if has_tau:
+        cached.append(per_chunk[0][-1])
+    leaves = [t.detach().requires_grad_(True) for t in cached]
+
+    # The loss over the full global batch, differentiated w.r.t. the cached embeddings only.
+    with accelerator.autocast():
+        losses = mcse_loss(outs[0].with_tensors(leaves), **loss_kwargs)
+    losses["loss"].backward()
+    grads = [leaf.grad for leaf in leaves]
+
+    # Pass 2: replay each chunk with its RNG state and push its slice of the gradient into
+    # the parameters. The surrogate's gradient w.r.t. the chunk's embeddings is exactly that
+    # slice; x K undoes the 1/K that Accelerate and DeepSpeed apply for K accumulation steps.
+    for k, part in enumerate(parts):
+        _set_rng_state(states[k], device)
+        rows = slice(k * chunk, (k + 1) * chunk)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                out = model(part).tensors()
+            # d(sum(t * g))/dt = g whatever the product's precision; g is cast to t's dtype
+            # exactly as autograd would cast it in an uncached backward.
+            surrogate = sum((t * g[rows].to(t.dtype)).sum()
+                            for t, g in zip(out[:n_rows], grads[:n_rows], strict=True))
+            if has_tau and k == K - 1:
+                surrogate = surrogate + (out[-1] * grads[-1].to(out[-1].dtype)).sum()
+            accelerator.backward(surrogate * K)
+    _set_rng_state(resume_state, device)
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def train_step(model: Any, optimizer: Any, scheduler: Any, batch: dict[str, torch.Tensor], cfg: Config,
+               accelerator: Any) -> StepResult:
+    """forward_backward, then clip, update, schedule and zero the gradients."""
+    losses = forward_backward(model, batch, cfg, accelerator)
+    grad_norm = None
+    if cfg.optim.grad_clip > 0:
+        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        grad_norm = float(norm) if norm is not None else None
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(losses, grad_norm)
