@@ -60,10 +60,10 @@ def test_grounding_loss_averages_the_two_views_text_to_image() -> None:
 def test_mcse_loss_combines_terms_with_lambda() -> None:
     img = t([[1, 0], [0, 1]])
     g1, g2 = t([[1, 0], [1, 1]]), t([[0, 1], [0, 1]])
-    text_only = mcse_loss(MCSEOutputs(sim_views=(Z1, Z2)), temperature=0.05, temperature_vl=0.05, lambda_mm=0.1)
+    text_only = mcse_loss(MCSEOutputs.build((Z1, Z2)), temperature=0.05, temperature_vl=0.05, lambda_mm=0.1)
     assert set(text_only) == {"loss", "loss_simcse"}
     assert text_only["loss"].item() == pytest.approx(simcse_loss(Z1, Z2, 0.05).item())
-    out = MCSEOutputs(sim_views=(Z1, Z2), ground_views=(g1, g2), image_BP=img)
+    out = MCSEOutputs.build((Z1, Z2), (g1, g2), img)
     both = mcse_loss(out, temperature=0.05, temperature_vl=0.1, lambda_mm=0.1)
     mm = grounding_loss([g1, g2], img, 0.1).item()
     assert both["loss_mm"].item() == pytest.approx(mm)

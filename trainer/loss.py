@@ -13,7 +13,6 @@ Shape suffixes: B local rows, G = W*B global columns, D embedding dim, P groundi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -64,38 +63,52 @@ def image_to_text_loss(image_BP: torch.Tensor, text_views_VGP: list[torch.Tensor
     return torch.stack(terms).mean()
 
 
-@dataclass
-class MCSEOutputs:
-    """What the model hands to the loss for one batch of B sentences (two dropout views)."""
+class MCSEOutputs(dict):
+    """What the model hands to the loss for one batch of B sentences (two dropout views).
 
-    sim_views: tuple[torch.Tensor, torch.Tensor]
-    """(z1_BD, z2_BD): MLP outputs for the text-text term."""
-    ground_views: tuple[torch.Tensor, torch.Tensor] | None = None
-    """(g1_BP, g2_BP): text projections into the grounding space (caption batches only)."""
-    image_BP: torch.Tensor | None = None
-    """Image projections into the grounding space (caption batches only)."""
-    temperatures: torch.Tensor | None = None
-    """(τ, τ_vl) when the model learns them; None means the configured constants."""
+    A dict of tensors (keys z1, z2: MLP outputs for the text-text term; g1, g2 and image:
+    grounding-space projections on caption batches; tau: learned (τ, τ_vl) when the model
+    learns them) so that DDP and DeepSpeed ZeRO-3 can see every output tensor; the
+    properties give the structured view the loss reads.
+    """
+
+    _ORDER = ("z1", "z2", "g1", "g2", "image", "tau")
+
+    @classmethod
+    def build(cls, sim_views: tuple[torch.Tensor, torch.Tensor],
+              ground_views: tuple[torch.Tensor, torch.Tensor] | None = None,
+              image_BP: torch.Tensor | None = None, temperatures: torch.Tensor | None = None) -> MCSEOutputs:
+        out = cls(z1=sim_views[0], z2=sim_views[1])
+        if ground_views is not None and image_BP is not None:
+            out.update(g1=ground_views[0], g2=ground_views[1], image=image_BP)
+        if temperatures is not None:
+            out["tau"] = temperatures
+        return out
+
+    @property
+    def sim_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self["z1"], self["z2"]
+
+    @property
+    def ground_views(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self["g1"], self["g2"]) if "g1" in self else None
+
+    @property
+    def image_BP(self) -> torch.Tensor | None:
+        return self.get("image")
+
+    @property
+    def temperatures(self) -> torch.Tensor | None:
+        return self.get("tau")
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor field in a fixed order (gradient caching stores and replays these)."""
-        out = [*self.sim_views]
-        if self.ground_views is not None and self.image_BP is not None:
-            out += [*self.ground_views, self.image_BP]
-        if self.temperatures is not None:
-            out.append(self.temperatures)
-        return out
+        """Every tensor in a fixed order (gradient caching stores and replays these)."""
+        return [self[k] for k in self._ORDER if k in self]
 
     def with_tensors(self, tensors: list[torch.Tensor]) -> MCSEOutputs:
         """The same structure over replacement tensors (inverse of :meth:`tensors`)."""
-        it = iter(tensors)
-        out = MCSEOutputs(sim_views=(next(it), next(it)))
-        if self.ground_views is not None and self.image_BP is not None:
-            out.ground_views = (next(it), next(it))
-            out.image_BP = next(it)
-        if self.temperatures is not None:
-            out.temperatures = next(it)
-        return out
+        keys = [k for k in self._ORDER if k in self]
+        return MCSEOutputs(zip(keys, tensors, strict=True))
 
 
 def mcse_loss(

@@ -189,18 +189,16 @@ class MCSEModel(nn.Module):
         out = self._encode(doubled)
         pooled_2BH = self.pool(out.last_hidden_state, doubled["attention_mask"])
         z_2BH = self.mlp(pooled_2BH) if self.mlp is not None else pooled_2BH
-        result = MCSEOutputs(sim_views=(z_2BH[:B], z_2BH[B:]))
-        if self.log_inv_tau is not None:
-            result.temperatures = self.temperatures()
+        temperatures = self.temperatures() if self.log_inv_tau is not None else None
         image = batch.get("image_emb")
-        if image is not None:
-            if self.image_head is None:
-                raise ValueError("caption batch with image features, but the model has no image head "
-                                 "(model.image_dim is 0)")
-            g_2BP = F.normalize(self.text_head(pooled_2BH), dim=-1)
-            result.ground_views = (g_2BP[:B], g_2BP[B:])
-            result.image_BP = F.normalize(self.image_head(image.to(pooled_2BH.dtype)), dim=-1)
-        return result
+        if image is None:
+            return MCSEOutputs.build((z_2BH[:B], z_2BH[B:]), temperatures=temperatures)
+        if self.image_head is None:
+            raise ValueError("caption batch with image features, but the model has no image head "
+                             "(model.image_dim is 0)")
+        g_2BP = F.normalize(self.text_head(pooled_2BH), dim=-1)
+        image_BP = F.normalize(self.image_head(image.to(pooled_2BH.dtype)), dim=-1)
+        return MCSEOutputs.build((z_2BH[:B], z_2BH[B:]), (g_2BP[:B], g_2BP[B:]), image_BP, temperatures)
 
     @torch.no_grad()
     def sentence_embedding(self, batch: dict[str, torch.Tensor], pooler: str) -> torch.Tensor:
