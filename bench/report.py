@@ -60,8 +60,6 @@ def write_section(name: str, title: str, body: str, command: str) -> None:
                f"Measured {stamp} at commit {git_rev()} on {machine()}.\n"
                f"Command: `{command}`\n<!-- /bench:{name} -->")
     pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
+    found = pattern.search(text)
+    text = pattern.sub(lambda _: section, text) if found else text.rstrip() + "\n\n" + section + "\n"
     DOC.write_text(text, encoding="utf-8")

@@ -66,7 +66,7 @@ def take(stream: SourceStream, n: int) -> list[dict]:
 def test_pair_stream_yields_fixed_tokenised_batches(sample_datasets, tokenizer) -> None:
     source = open_source(SourceConfig(path=str(sample_datasets["pairs"]), kind="pairs"), 0)
     assert source.image_dim == 1280 and source.n_samples == 76
-    cfg = DataConfig(batch_size=16, max_len=12, shuffle_buffer=50)
+    cfg = DataConfig(batch_size=16, max_len=12, shuffle_shards=2)
     batches = take(SourceStream(source, tokenizer, cfg, seed=1, rank=0, world=1, image_dim=1280), 6)
     for b in batches:
         assert b["input_ids"].shape[0] == 16 and b["input_ids"].shape[1] <= 12
@@ -82,7 +82,7 @@ def test_pair_stream_yields_fixed_tokenised_batches(sample_datasets, tokenizer) 
 
 def test_ranks_read_disjoint_samples(sample_datasets, tokenizer) -> None:
     source = open_source(SourceConfig(path=str(sample_datasets["text"]), kind="text"), 0)
-    cfg = DataConfig(batch_size=50, shuffle_buffer=0)
+    cfg = DataConfig(batch_size=50, shuffle_shards=0)
     per_rank = []
     for rank in range(2):
         stream = SourceStream(source, tokenizer, cfg, seed=0, rank=rank, world=2)
@@ -92,7 +92,7 @@ def test_ranks_read_disjoint_samples(sample_datasets, tokenizer) -> None:
     pairs = open_source(SourceConfig(path=str(sample_datasets["pairs"]), kind="pairs"), 0)
     keys = []
     for rank in range(4):
-        stream = SourceStream(pairs, tokenizer, DataConfig(batch_size=19, shuffle_buffer=0), seed=0,
+        stream = SourceStream(pairs, tokenizer, DataConfig(batch_size=19, shuffle_shards=0), seed=0,
                               rank=rank, world=4, image_dim=1280)
         keys.append(take(stream, 1)[0]["keys"])
     flat = [k for ks in keys for k in ks]
@@ -123,25 +123,42 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path, tokenizer) -> N
     write_manifest(out, {"kind": "pairs", "shards": shard_dicts(w.close()),
                          "image_encoder": {"name": "toy", "dim": 8}})
     source = open_source(SourceConfig(path=str(out), kind="pairs"), 0)
-    stream = SourceStream(source, tokenizer, DataConfig(batch_size=4, shuffle_buffer=0), seed=0,
+    stream = SourceStream(source, tokenizer, DataConfig(batch_size=4, shuffle_shards=0), seed=0,
                           rank=0, world=1, image_dim=8)
     batches = take(stream, 2)
     keys = [k for b in batches for k in b["keys"]]
     assert keys == ["s00", "s01", "s02", "s04", "s06", "s08", "s10", "s11"]
-    assert batches[-1]["skipped"] == (0, 4)
+    assert batches[-1]["skipped"] == 4 and batches[-1]["pos"][0] == 0  # logical worker 0
 
 
 def test_open_source_refuses_bad_sources(tmp_path: Path, sample_datasets) -> None:
-    with pytest.raises(DataError, match="pipe: and unknown schemes are refused"):
+    with pytest.raises(DataError, match="pipe: locations run shell commands and are refused"):
         open_source(SourceConfig(path="pipe:curl http://x | cat", kind="text"), 0)
+    with pytest.raises(DataError, match="unknown URL scheme 'nosuch'"):
+        open_source(SourceConfig(path="nosuch://bucket/x", kind="text"), 0)
     with pytest.raises(DataError, match=r"data\.sources\.2\.path=.*no manifest\.json there"):
         open_source(SourceConfig(path=str(tmp_path), kind="text"), 2)
     with pytest.raises(DataError, match="manifest says kind 'text' but the source is declared kind='pairs'"):
         open_source(SourceConfig(path=str(sample_datasets["text"]), kind="pairs"), 0)
     m = load_manifest(sample_datasets["pairs"])
     m["image_encoder"] = None
+    m["shards"][0]["name"] = "../../etc/000000.tar"
     raw = tmp_path / "raw"
     raw.mkdir()
     write_manifest(raw, m)
-    with pytest.raises(DataError, match="pairs without image features; run `webmcse-data embed"):
+    with pytest.raises(DataError, match="suspicious shard name"):
         open_source(SourceConfig(path=str(raw), kind="pairs"), 0)
+
+
+def test_pairs_without_features_need_embed_or_an_image_tower(tmp_path: Path, sample_datasets) -> None:
+    from trainer.config import Config
+    from trainer.train import _image_dim
+
+    m = load_manifest(sample_datasets["pairs"])
+    m["image_encoder"] = None
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_manifest(raw, m)
+    source = open_source(SourceConfig(path=str(raw), kind="pairs"), 0)
+    with pytest.raises(DataError, match="pairs without image features; run `webmcse-data embed"):
+        _image_dim(Config(), [source], tower=None)

@@ -123,7 +123,8 @@ def test_grad_cache_equals_big_batch_including_temperature(tiny16: Path, fresh_a
                             [*scenario_config(str(tiny16), "ddp")[0], "data.batch_size=8",
                              "loss.learnable_temperature=true"])
     ref = _copy(model)
-    losses = forward_backward(model, batch, cfg, acc)  # K = 4 chunks
+    losses, ran = forward_backward(model, batch, cfg, acc)  # K = 4 chunks
+    assert ran
     with acc.autocast():
         ref_losses = mcse_loss(ref(batch), temperature=0.05, temperature_vl=0.05, lambda_mm=plain_cfg.loss.lambda_mm)
     ref_losses["loss"].backward()
@@ -198,7 +199,7 @@ def test_bf16_autocast_step_is_finite_and_close_to_fp32(tiny16: Path, fresh_acce
     cfg, acc, model = _setup(tiny16, ["train.precision=bf16"], dtype=torch.float32)
     assert acc.mixed_precision == "bf16"
     ref = _copy(model)
-    loss = forward_backward(model, batch, cfg, acc)["loss"]
+    loss = forward_backward(model, batch, cfg, acc)[0]["loss"]
     ref_loss = mcse_loss(ref(batch), temperature=0.05, temperature_vl=0.05, lambda_mm=cfg.loss.lambda_mm)["loss"]
     assert torch.isfinite(torch.tensor(loss)) and loss == pytest.approx(float(ref_loss.detach()), rel=0.05)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -65,8 +65,12 @@ class DataConfig:
     """Tokens per sentence after truncation."""
     num_workers: int = 2
     """DataLoader worker processes per source per rank."""
-    shuffle_buffer: int = 1000
-    """Sample shuffle buffer per worker (0 disables sample shuffling)."""
+    shuffle_shards: int = 4
+    """Sample shuffle window, in shards: the samples of this many consecutive shards of a
+    worker are shuffled together (1 = within each shard, 0 = no sample shuffling; shards are
+    still shuffled every epoch). Windows make the data position a
+    few integers, so a resumed run never re-reads what it consumed. Memory per worker is about
+    one window of samples without their images (features: ~3 KB a sample)."""
 
 
 @dataclass
@@ -87,6 +91,12 @@ class ModelConfig:
     dropout: float = -1.0
     """Override the encoder's hidden/attention dropout (the source of SimCSE's two views);
     negative keeps the checkpoint's value."""
+    image_tower: str = ""
+    """Image encoder run on decoded images during training instead of reading precomputed
+    features: efficientnet_lite0 | open_clip:MODEL[:PRETRAINED] | timm:NAME[:random]. Empty
+    (default, fastest) uses each sample's KEY.emb.npy."""
+    train_image_tower: bool = False
+    """Fine-tune the image tower (otherwise it stays frozen, as in MCSE)."""
 
 
 @dataclass
@@ -151,6 +161,23 @@ class TrainConfig:
     """Keep the best-on-dev model (Hugging Face format) in run_dir/best."""
     save_final: bool = True
     """Also export the final model to run_dir/final."""
+    checkpoint_every: int = 0
+    """Write a resumable checkpoint every N steps (0 = only when asked to stop)."""
+    keep_checkpoints: int = 2
+    """Committed checkpoints to keep; older ones are deleted after a new one commits."""
+    resume: str = "auto"
+    """auto: continue from the newest valid checkpoint of run_dir/checkpoints if there is one;
+    never: refuse to start in a run folder that has checkpoints; or a checkpoint folder path."""
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """A non-finite loss or gradient on any rank: every rank skips that step together (counted
+    in train/skipped_steps), or the run stops before the optimizer step."""
+    stop_check_every: int = 10
+    """Steps between checks for a stop request (signal or STOP file), agreed by all ranks."""
+    deterministic: bool = False
+    """Deterministic algorithms (torch.use_deterministic_algorithms): bit-identical resumes."""
+    record_keys: bool = False
+    """Append the sample keys of every step to run_dir/sample_keys/rank<R>.jsonl (a data audit:
+    which samples each step saw; after a resume the last record of a step is the one that counts)."""
 
 
 @dataclass
@@ -183,6 +210,13 @@ class TrackingConfig:
     (sqlite:///mlflow.db in the working folder, which a bare `mlflow ui` shows)."""
     experiment: str = "webmcse"
     """MLflow experiment name."""
+    system_metrics: bool = True
+    """Log CPU/GPU/memory metrics of rank 0's machine (MLflow system metrics)."""
+    flush_timeout_s: float = 60.0
+    """At the end, how long to wait for an unreachable server before keeping the rest in
+    run_dir/mlflow_spool.jsonl (sent later; training never waits longer than this)."""
+    log_model: bool = True
+    """Log the best model as an MLflow pyfunc model (loadable and registrable)."""
 
 
 @dataclass
@@ -191,6 +225,10 @@ class DistributedConfig:
     """Path of a DeepSpeed JSON config; empty trains with plain DDP (or one process)."""
     zero_stage: int = -1
     """Override the ZeRO stage of the DeepSpeed config (-1 keeps the file's)."""
+    timeout_s: float = 1800.0
+    """Collective timeout: a collective that waits longer fails instead of hanging."""
+    heartbeat_timeout_s: float = 0.0
+    """Stop the job when a rank makes no progress for this long, naming the rank (0 = off)."""
     eval_wait_timeout_s: float = 7200.0
     """How long other ranks wait for rank 0's evaluation. They poll the rendezvous store
     instead of sitting in a collective, so a long evaluation never trips the collective
@@ -451,7 +489,7 @@ def validate(cfg: Config) -> None:
     _require(d.batch_size > 0, "data.batch_size", f"must be > 0, got {d.batch_size}")
     _require(d.max_len >= 2, "data.max_len", f"must be >= 2 (room for special tokens), got {d.max_len}")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {d.shuffle_buffer}")
+    _require(d.shuffle_shards >= 0, "data.shuffle_shards", f"must be >= 0, got {d.shuffle_shards}")
     _require(d.caption_every >= 0, "data.caption_every", f"must be >= 0, got {d.caption_every}")
     if d.schedule == "ratio":
         _require(0 < d.caption_ratio <= 1, "data.caption_ratio",
@@ -485,6 +523,10 @@ def validate(cfg: Config) -> None:
              "must be > 0 unless train.max_steps is set")
     _require(t.max_steps >= 0, "train.max_steps", f"must be >= 0, got {t.max_steps}")
     _require(t.log_every > 0, "train.log_every", f"must be > 0, got {t.log_every}")
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    _require(t.stop_check_every >= 1, "train.stop_check_every", f"must be >= 1, got {t.stop_check_every}")
+    _require(bool(t.resume), "train.resume", "must be auto, never or a checkpoint folder")
     _require(bool(t.output_dir), "train.output_dir", "is empty")
     _require("/" not in t.run_name and t.run_name not in {".", ".."}, "train.run_name",
              f"must be a plain folder name, got {t.run_name!r}")
@@ -499,8 +541,13 @@ def validate(cfg: Config) -> None:
     for i, task in enumerate(e.final_tasks):
         _require(task in TASKS, f"eval.final_tasks.{i}",
                  f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    _require(cfg.tracking.flush_timeout_s >= 0, "tracking.flush_timeout_s",
+             f"must be >= 0, got {cfg.tracking.flush_timeout_s}")
     di = cfg.distributed
     _require(di.zero_stage in (-1, 0, 1, 2, 3), "distributed.zero_stage",
              f"must be 0, 1, 2 or 3 (or -1 to keep the DeepSpeed file's), got {di.zero_stage}")
+    _require(di.timeout_s > 0, "distributed.timeout_s", f"must be > 0, got {di.timeout_s}")
+    _require(di.heartbeat_timeout_s >= 0, "distributed.heartbeat_timeout_s",
+             f"must be >= 0, got {di.heartbeat_timeout_s}")
     _require(di.eval_wait_timeout_s > 0, "distributed.eval_wait_timeout_s",
              f"must be > 0, got {di.eval_wait_timeout_s}")

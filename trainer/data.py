@@ -1,14 +1,34 @@
-"""Streaming training data: WebDataset pipelines per source and the batch-type schedule.
+"""Streaming training data: WebDataset shard streams per source, the batch-type schedule, and
+the data position that makes a resumed run consume exactly what the uninterrupted run would.
 
-Each source (a shard folder written by data_tools) becomes an endless per-rank stream of
-fixed-size, tokenised batches. Endless matters: every rank runs the number of steps the
-schedule says, never "until its loader runs dry", so uneven shards cannot make one rank
-stop early and leave the others waiting in a collective forever.
+**Endless per-rank streams.** Each source (a shard folder written by data_tools) becomes an
+endless stream of fixed-size, tokenised batches on every rank. The trainer draws as many
+batches as the schedule says, never "until a loader runs dry", so uneven shards can never make
+one rank stop early and leave the others waiting in a collective.
 
-Order inside a stream: the shard list is shuffled with a seed that depends on (seed, source,
-epoch) *before* it is split by rank and then by worker; a seeded buffer shuffles samples;
-only the expected members (txt, json, emb.npy) are decoded; bad samples are skipped and
-counted, and each batch carries its worker's running count so the trainer can report it.
+**Order.** For epoch e, the shard list is shuffled with a seed of (seed, source, e) *before*
+it is dealt out to the (rank, worker) slots, each shard to the slot with the fewest samples so
+far (manifest counts), so slots differ by less than one shard. Every slot then emits exactly
+the same number of batches that epoch (the smallest slot's), so all slots stay in the same
+epoch and no sample appears twice within an epoch, whatever the shard sizes; the few samples
+a larger slot leaves over are seen in other epochs, which deal the shards differently. A slot
+reads its shards in windows of
+``data.shuffle_shards`` shards, shuffles each window's samples with a seed of (seed, source,
+e, slot, window), and emits them in order; batches are consecutive runs of B samples across
+window and epoch boundaries. With fewer shards than slots, every slot reads all shards and
+keeps every n-th sample, so small datasets work on many ranks and workers without duplicates.
+
+**Position.** Because the order depends only on seeds and shard contents, a slot's position
+is three integers: (epoch, window, offset into the shuffled window). A resumed stream starts
+reading at that window and skips ``offset`` samples: the consumed part of the epoch is never
+read again. Each batch carries its slot's position; the trainer keeps the latest per slot and
+stores it in the checkpoint, together with which worker must come next (DataLoader workers are
+consumed round-robin, so the resumed loader is rotated to continue the same sequence).
+
+**Safety.** Only the expected members are read (txt, json, emb.npy, or image files) and
+nothing is ever unpickled; shard locations are local paths or fsspec URLs (s3://, gs://, ...),
+never `pipe:` commands. Bad samples are skipped and counted; each batch carries its slot's
+running count for the training metrics.
 """
 
 from __future__ import annotations
@@ -20,7 +40,7 @@ import logging
 import math
 import random
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +48,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import _shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from trainer.config import DataConfig, SourceConfig
 
 log = logging.getLogger("webmcse.data")
 
-_URL_SCHEME = ("s3://", "gs://", "gcs://", "az://", "abfs://", "http://", "https://", "hf://")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 class DataError(ValueError):
@@ -52,13 +72,35 @@ class Source:
     weight: float
     shards: list[str]
     n_samples: int
+    shard_sizes: list[int] = field(default_factory=list)
     image_dim: int = 0
     manifest_sha256: str = ""
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
+def _scheme(path: str) -> str:
+    return path.split("://", 1)[0] if "://" in path else ""
+
+
+def _check_location(path: str, where: str) -> None:
+    if path.startswith("pipe:"):
+        raise DataError(f"{where}={path!r}: pipe: locations run shell commands and are refused; "
+                        f"use a local folder or an fsspec URL such as s3://bucket/prefix")
+    scheme = _scheme(path)
+    if scheme and scheme != "file":
+        import fsspec
+
+        if scheme not in fsspec.available_protocols():
+            raise DataError(f"{where}={path!r}: unknown URL scheme {scheme!r}")
+        try:
+            fsspec.get_filesystem_class(scheme)
+        except ImportError as exc:
+            raise DataError(f"{where}={path!r}: reading {scheme}:// needs an extra package "
+                            f"({exc}); e.g. pip install 'webmcse[s3]'") from None
+
+
 def _read_text(url: str) -> str:
-    if url.startswith(_URL_SCHEME):
+    if _scheme(url):
         import fsspec
 
         with fsspec.open(url, "rt", encoding="utf-8") as fh:
@@ -66,13 +108,19 @@ def _read_text(url: str) -> str:
     return Path(url).read_text(encoding="utf-8")
 
 
+def _open_stream(url: str) -> Any:
+    if _scheme(url):
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return open(url, "rb")
+
+
 def open_source(cfg: SourceConfig, index: int) -> Source:
     """Read a source's manifest; refuse anything that could run code or is incomplete."""
     where = f"data.sources.{index}.path"
     path = cfg.path.rstrip("/")
-    if path.startswith("pipe:") or ("://" in path and not path.startswith(_URL_SCHEME)):
-        raise DataError(f"{where}={cfg.path!r}: only local folders and {', '.join(_URL_SCHEME)} "
-                        f"URLs are read (pipe: and unknown schemes are refused)")
+    _check_location(path, where)
     manifest_url = f"{path}/manifest.json"
     try:
         text = _read_text(manifest_url)
@@ -90,17 +138,14 @@ def open_source(cfg: SourceConfig, index: int) -> Source:
     shards = [s for s in manifest.get("shards", []) if s.get("n_samples", 0) > 0]
     if not shards:
         raise DataError(f"{manifest_url}: lists no non-empty shards")
+    for s in shards:
+        name = s["name"]
+        if "/" in name or "\\" in name or name.startswith(".") or not name.endswith(".tar"):
+            raise DataError(f"{manifest_url}: suspicious shard name {name!r}")
     image_dim = 0
     if kind == "pairs":
         enc = manifest.get("image_encoder")
-        if not enc:
-            raise DataError(f"{manifest_url}: pairs without image features; run "
-                            f"`webmcse-data embed {cfg.path}` first")
-        image_dim = int(enc["dim"])
-    for s in shards:
-        name = s["name"]
-        if "/" in name or name.startswith(".") or not name.endswith(".tar"):
-            raise DataError(f"{manifest_url}: suspicious shard name {name!r}")
+        image_dim = int(enc["dim"]) if enc else 0
     return Source(
         name=cfg.name or Path(path).name,
         kind=kind,
@@ -108,6 +153,7 @@ def open_source(cfg: SourceConfig, index: int) -> Source:
         weight=cfg.weight,
         shards=[f"{path}/{s['name']}" for s in shards],
         n_samples=sum(int(s["n_samples"]) for s in shards),
+        shard_sizes=[int(s["n_samples"]) for s in shards],
         image_dim=image_dim,
         manifest_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
         manifest=manifest,
@@ -179,22 +225,14 @@ class Schedule:
 # ------------------------------------------------------------------------------ streams
 
 
-def _open_stream(url: str) -> Any:
-    if url.startswith(_URL_SCHEME):
-        import fsspec
-
-        return fsspec.open(url, "rb").open()
-    return open(url, "rb")
-
-
 class SkipCounter:
     """webdataset exception handler that skips the bad sample and counts it."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, start: int = 0) -> None:
         self.name = name
-        self.count = 0
+        self.count = start
 
-    def __call__(self, exn: Exception) -> bool:
+    def __call__(self, exn: BaseException) -> bool:
         self.count += 1
         if self.count <= 3:
             log.warning("%s: skipped a corrupt sample (%s: %s)", self.name, type(exn).__name__,
@@ -202,27 +240,93 @@ class SkipCounter:
         return True
 
 
-def _tar_samples(urls: list[str], handler: SkipCounter) -> Iterator[dict[str, Any]]:
-    def opened() -> Iterator[dict[str, Any]]:
-        for url in urls:
-            try:
-                yield {"url": url, "stream": _open_stream(url)}
-            except Exception as exn:
-                handler(exn)
-
-    files = tar_file_expander(opened(), handler=handler)
-    return group_by_keys(files, handler=handler)
-
-
 def _seed(*parts: Any) -> int:
     return zlib.crc32(":".join(map(str, parts)).encode())
+
+
+@dataclass
+class Position:
+    """Where a (rank, worker) slot stands: the next sample is ``offset`` into the shuffled
+    window ``window`` of epoch ``epoch``, after ``emitted`` samples of that epoch.
+    ``read_skips`` counts corrupt samples in the windows *before* this one (the current window
+    is re-read on resume and counts its own again); ``image_skips`` counts undecodable images
+    of batches already handed out."""
+
+    epoch: int = 0
+    window: int = 0
+    offset: int = 0
+    emitted: int = 0
+    read_skips: int = 0
+    image_skips: int = 0
+
+    def as_list(self) -> list[int]:
+        return [self.epoch, self.window, self.offset, self.emitted, self.read_skips, self.image_skips]
+
+
+@dataclass
+class EpochPlan:
+    """One slot's part of an epoch: its windows (lists of shard indices), whether shards are
+    split by sample, and how many samples every slot emits this epoch."""
+
+    windows: list[list[int]]
+    by_sample: bool
+    budget: int
+    bases: dict[int, int] = field(default_factory=dict)
+    """By-sample split: index of each shard's first sample in the epoch's sample order."""
+    dropped: int = 0
+    """Samples no slot emits this epoch (the larger slots' surplus over the budget)."""
+
+
+def plan_epoch(sizes: list[int], seed: int, name: str, epoch: int, slot: int, n_slots: int,
+               batch_size: int, window: int) -> EpochPlan:
+    """The deterministic plan of an epoch (the same on every rank and worker)."""
+    order = list(range(len(sizes)))
+    random.Random(_seed(seed, name, epoch)).shuffle(order)
+    bases: dict[int, int] = {}
+    if len(order) < n_slots:  # fewer shards than slots: every slot keeps every n-th sample
+        budget = (sum(sizes) // n_slots) // batch_size * batch_size
+        mine = order
+        by_sample = True
+        start = 0
+        for sid in order:
+            bases[sid] = start
+            start += sizes[sid]
+    else:
+        load = [0] * n_slots
+        dealt: list[list[int]] = [[] for _ in range(n_slots)]
+        for sid in order:
+            target = min(range(n_slots), key=lambda s: (load[s], s))
+            dealt[target].append(sid)
+            load[target] += sizes[sid]
+        budget = min(load) // batch_size * batch_size
+        mine = dealt[slot]
+        by_sample = False
+    w = max(1, window)
+    return EpochPlan([mine[i:i + w] for i in range(0, len(mine), w)], by_sample, budget, bases,
+                     sum(sizes) - budget * n_slots)
+
+
+def safe_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
+    """Decode an image after checking its declared size (a decompression bomb never decodes)."""
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ValueError(f"image of {w}x{h} pixels exceeds the {max_pixels} pixel limit")
+        return img.convert("RGB")
 
 
 class SourceStream(IterableDataset):
     """Endless per-rank stream of collated batches from one source."""
 
     def __init__(self, source: Source, tokenizer: Any, cfg: DataConfig, *, seed: int, rank: int,
-                 world: int, image_dim: int = 0) -> None:
+                 world: int, image_dim: int = 0, image_transform: Callable[[Any], torch.Tensor] | None = None,
+                 start: dict[int, Position] | None = None, rotation: int = 0) -> None:
         super().__init__()
         self.source = source
         self.tokenizer = tokenizer
@@ -231,57 +335,95 @@ class SourceStream(IterableDataset):
         self.rank = rank
         self.world = world
         self.image_dim = image_dim
+        self.image_transform = image_transform
+        self.start = start or {}
+        self.rotation = rotation
+        if source.kind == "text":
+            self.members: tuple[str, ...] = ("txt",)
+        elif image_transform is not None:
+            self.members = ("txt", "json", *IMAGE_EXTS)
+        else:
+            self.members = ("txt", "json", "emb.npy")
 
-    def _epoch_urls(self, epoch: int, slot: int, n_slots: int) -> tuple[list[str], bool]:
-        """This (rank, worker) slot's shards for an epoch, and whether to split by sample.
+    # -- the deterministic sample order -------------------------------------------------
 
-        With at least one shard per slot, shards are dealt out after a (seed, epoch) shuffle.
-        With fewer shards than slots every slot reads all shards and keeps every n-th
-        sample, so small datasets still work on many ranks/workers without duplicates.
-        """
-        urls = list(self.source.shards)
-        random.Random(_seed(self.seed, self.source.name, epoch)).shuffle(urls)
-        if len(urls) >= n_slots:
-            return urls[slot::n_slots], False
-        return urls, True
+    def _window_samples(self, shard_ids: list[int], plan: EpochPlan, slot: int, n_slots: int,
+                        counter: SkipCounter, epoch: int) -> list[dict[str, Any]]:
+        """Every usable sample of a window, in tar order, then shuffled (same result every time)."""
+        out: list[dict[str, Any]] = []
+        wanted = set(self.members)
+
+        def select(name: str) -> bool:
+            return name.split(".", 1)[-1].lower() in wanted if "." in name else False
+
+        for sid in shard_ids:
+            url = self.source.shards[sid]
+            try:
+                stream = _open_stream(url)
+            except Exception as exn:
+                counter(exn)
+                continue
+            with stream:
+                files = tar_file_expander([{"url": url, "stream": stream}], handler=counter,
+                                          select_files=select)
+                base = plan.bases.get(sid, 0)
+                for idx, raw in enumerate(group_by_keys(files, handler=counter)):
+                    if plan.by_sample and (base + idx) % n_slots != slot:
+                        continue
+                    try:
+                        out.append(self._decode(raw, epoch))
+                    except Exception as exn:
+                        counter(exn)
+        return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        slot, n_slots = self.rank * nw + wid, self.world * nw
-        counter = SkipCounter(self.source.name)
-        epoch = 0
+        lw = (wid + self.rotation) % nw  # logical worker: survives a rotated restart
+        slot, n_slots = self.rank * nw + lw, self.world * nw
+        pos = Position(**vars(self.start.get(lw, Position())))
+        reads = SkipCounter(self.source.name, pos.read_skips)
+        images = SkipCounter(self.source.name, pos.image_skips)
+        batch: list[dict[str, Any]] = []
+        empty_epochs = 0
+        short_warned = False
         while True:
-            urls, by_sample = self._epoch_urls(epoch, slot, n_slots)
-            samples: Iterator[dict[str, Any]] = _tar_samples(urls, counter)
-            if by_sample:
-                samples = (s for i, s in enumerate(samples) if i % n_slots == slot)
-            decoded = self._decoded(samples, counter, epoch)
-            if self.cfg.shuffle_buffer > 1:
-                decoded = _shuffle(decoded, bufsize=self.cfg.shuffle_buffer,
-                                   initial=min(self.cfg.shuffle_buffer, 100),
-                                   rng=random.Random(_seed(self.seed, self.source.name, epoch, slot)))
-            batch: list[dict[str, Any]] = []
+            plan = plan_epoch(self.source.shard_sizes, self.seed, self.source.name, pos.epoch, slot, n_slots,
+                              self.cfg.batch_size, max(1, self.cfg.shuffle_shards))
             produced = False
-            for sample in decoded:
-                batch.append(sample)
-                if len(batch) == self.cfg.batch_size:
-                    yield self._collate(batch, counter.count, wid)
+            while pos.window < len(plan.windows) and pos.emitted < plan.budget:
+                pos.read_skips = reads.count
+                samples = self._window_samples(plan.windows[pos.window], plan, slot, n_slots, reads, pos.epoch)
+                if self.cfg.shuffle_shards > 0:
+                    rng = random.Random(_seed(self.seed, self.source.name, pos.epoch, slot, pos.window))
+                    rng.shuffle(samples)
+                while pos.offset < len(samples) and pos.emitted < plan.budget:
+                    batch.append(samples[pos.offset])
+                    pos.offset += 1
+                    pos.emitted += 1
                     produced = True
-                    batch = []
-            if not produced and epoch > 0:
-                raise DataError(f"source {self.source.name}: a whole pass over its shards gave no "
-                                f"batch for rank {self.rank} worker {wid} ({counter.count} corrupt "
-                                f"samples skipped); the data is unusable or too small")
-            epoch += 1
+                    if len(batch) == self.cfg.batch_size:
+                        out = self._collate(batch, images)
+                        pos.image_skips = images.count
+                        out["pos"] = (lw, *pos.as_list())
+                        out["skipped"] = reads.count + images.count
+                        yield out
+                        batch = []
+                if pos.offset >= len(samples):
+                    pos.window, pos.offset = pos.window + 1, 0
+            if pos.emitted < plan.budget and not short_warned:
+                short_warned = True
+                log.warning("source %s: worker %d of rank %d ran out of samples %d short of its epoch "
+                            "budget (corrupt samples?); it continues with its next epoch", self.source.name,
+                            lw, self.rank, plan.budget - pos.emitted)
+            pos.epoch, pos.window, pos.offset, pos.emitted = pos.epoch + 1, 0, 0, 0
+            empty_epochs = 0 if produced else empty_epochs + 1
+            if empty_epochs >= 2:
+                raise DataError(f"source {self.source.name}: two whole passes gave no usable sample to "
+                                f"rank {self.rank} worker {lw} ({reads.count} corrupt samples skipped); "
+                                f"the data is unusable")
 
-    def _decoded(self, samples: Iterator[dict[str, Any]], counter: SkipCounter,
-                 epoch: int) -> Iterator[dict[str, Any]]:
-        for raw in samples:
-            try:
-                yield self._decode(raw, epoch)
-            except Exception as exn:
-                counter(exn)
+    # -- decoding and collation ----------------------------------------------------------
 
     def _decode(self, raw: dict[str, Any], epoch: int) -> dict[str, Any]:
         """Only the members we expect are touched; nothing is unpickled, ever."""
@@ -292,62 +434,144 @@ class SourceStream(IterableDataset):
             captions = [text] if text else []
             if "json" in raw:
                 meta = json.loads(raw["json"])
-                captions = [c for c in meta.get("captions", []) if isinstance(c, str)] or captions
+                captions = [c for c in meta.get("captions", []) if isinstance(c, str) and c] or captions
             if not captions:
                 raise ValueError(f"{key}: no caption")
             if self.cfg.caption_choice == "random" and len(captions) > 1:
                 text = captions[random.Random(_seed(self.seed, epoch, key)).randrange(len(captions))]
             else:
                 text = captions[0]
-            if "emb.npy" not in raw:
-                raise ValueError(f"{key}: no emb.npy image feature")
-            emb = np.load(io.BytesIO(raw["emb.npy"]), allow_pickle=False)
-            if emb.shape != (self.image_dim,):
-                raise ValueError(f"{key}: image feature shape {emb.shape}, expected ({self.image_dim},)")
-            if not np.isfinite(emb).all():
-                raise ValueError(f"{key}: non-finite image feature")
-            out["emb"] = emb.astype(np.float32)
+            if self.image_transform is not None:
+                ext = next((e for e in IMAGE_EXTS if e in raw), None)
+                if ext is None:
+                    raise ValueError(f"{key}: no image member")
+                out["image_bytes"] = raw[ext]  # decoded at collation, after shuffling
+            else:
+                if "emb.npy" not in raw:
+                    raise ValueError(f"{key}: no emb.npy image feature")
+                emb = np.load(io.BytesIO(raw["emb.npy"]), allow_pickle=False)
+                if emb.shape != (self.image_dim,):
+                    raise ValueError(f"{key}: image feature shape {emb.shape}, expected ({self.image_dim},)")
+                if not np.isfinite(emb).all():
+                    raise ValueError(f"{key}: non-finite image feature")
+                out["emb"] = emb
         if not text:
             raise ValueError(f"{key}: empty text")
         out["text"] = text
         return out
 
-    def _collate(self, samples: list[dict[str, Any]], skipped: int, wid: int) -> dict[str, Any]:
+    def _collate(self, samples: list[dict[str, Any]], image_skips: SkipCounter) -> dict[str, Any]:
         toks = self.tokenizer([s["text"] for s in samples], max_length=self.cfg.max_len,
                               truncation=True, padding="longest", return_tensors="pt")
         batch: dict[str, Any] = {k: v for k, v in toks.items()
                                  if k in ("input_ids", "attention_mask", "token_type_ids")}
         if self.source.kind == "pairs":
-            batch["image_emb"] = torch.from_numpy(np.stack([s["emb"] for s in samples]))
+            if self.image_transform is not None:
+                images = []
+                for s in samples:
+                    try:
+                        images.append(self.image_transform(safe_image(s["image_bytes"])))
+                    except Exception as exn:  # a corrupt image: reuse a neighbour, count it
+                        image_skips(exn)
+                        images.append(None)
+                good = [im for im in images if im is not None]
+                if not good:
+                    raise DataError(f"source {self.source.name}: a whole batch of undecodable images")
+                batch["image"] = torch.stack([im if im is not None else good[0] for im in images])
+            else:
+                batch["image_emb"] = torch.from_numpy(np.stack([s["emb"] for s in samples]).astype(np.float32))
         batch["keys"] = [s["key"] for s in samples]
-        batch["skipped"] = (wid, skipped)
         return batch
 
 
-def _keep_meta(batch: Any) -> Any:
+def check_layout(source: Source, world: int, workers: int, batch_size: int, seed: int) -> EpochPlan:
+    """Epoch 0's plan for slot 0, after checking that every slot gets at least one batch."""
+    n_slots = world * max(1, workers)
+    plan = plan_epoch(source.shard_sizes, seed, source.name, 0, 0, n_slots, batch_size, 1)
+    if plan.budget == 0:
+        raise DataError(f"source {source.name} ({source.path}): {source.n_samples} samples in "
+                        f"{len(source.shards)} shards cannot give each of {world} rank(s) x {max(1, workers)} "
+                        f"worker(s) one batch of {batch_size}; lower data.num_workers or data.batch_size")
+    if plan.dropped > 0.1 * source.n_samples:
+        log.warning("source %s: %d shards are too few or too uneven for %d slots (ranks x workers): %.0f%% of "
+                    "the samples wait for a later epoch each epoch; more, smaller shards fix this",
+                    source.name, len(source.shards), n_slots, 100 * plan.dropped / source.n_samples)
+    return plan
+
+
+def _keep(batch: Any) -> Any:
     return batch
 
 
 class BatchStreams:
-    """One DataLoader per source; ``next(name)`` returns that source's next batch."""
+    """One DataLoader per source; ``next(name)`` returns that source's next batch.
 
-    def __init__(self, sources: list[Source], tokenizer: Any, cfg: DataConfig, *, seed: int,
-                 rank: int, world: int, image_dim: int) -> None:
+    Tracks the data position of every (source, logical worker) from the batches actually
+    consumed, which :meth:`state` returns for the checkpoint and the constructor's ``state``
+    restores.
+    """
+
+    def __init__(self, sources: list[Source], tokenizer: Any, cfg: DataConfig, *, seed: int, rank: int,
+                 world: int, image_dim: int, image_transform: Callable[[Any], torch.Tensor] | None = None,
+                 state: dict[str, Any] | None = None) -> None:
+        self.nw = max(1, cfg.num_workers)
+        self.world = world
         self._iters: dict[str, Iterator[dict[str, Any]]] = {}
+        self._pos: dict[str, dict[int, list[int]]] = {}
         self._skipped: dict[tuple[str, int], int] = {}
+        self._rotation: dict[str, int] = {}
+        self._consumed: dict[str, int] = {}
+        state = self._compatible(state or {}, world, sources)
         for i, src in enumerate(sources):
+            saved = state.get(src.name, {})
+            positions = {int(k): v for k, v in saved.get("positions", {}).items()}
+            self._pos[src.name] = dict(positions)
+            self._rotation[src.name] = int(saved.get("next_worker", 0))
+            self._consumed[src.name] = 0
+            start = {lw: Position(*p) for lw, p in positions.items()}
+            check_layout(src, world, cfg.num_workers, cfg.batch_size, seed + 7919 * i)
             ds = SourceStream(src, tokenizer, cfg, seed=seed + 7919 * i, rank=rank, world=world,
-                              image_dim=image_dim)
-            loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers,
-                                collate_fn=_keep_meta, persistent_workers=cfg.num_workers > 0,
+                              image_dim=image_dim, image_transform=image_transform, start=start,
+                              rotation=self._rotation[src.name])
+            loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, collate_fn=_keep,
+                                persistent_workers=cfg.num_workers > 0,
                                 prefetch_factor=4 if cfg.num_workers > 0 else None)
             self._iters[src.name] = iter(loader)
 
+    def _compatible(self, state: dict[str, Any], world: int, sources: list[Source]) -> dict[str, Any]:
+        """Positions are per (rank, worker) slot: with another world size or worker count they
+        do not map, so every slot moves on to the next epoch (documented in docs/DATA_STREAMING.md)."""
+        if not state:
+            return {}
+        meta = state.get("_layout", {})
+        if meta.get("world") == world and meta.get("workers") == self.nw:
+            return state
+        log.warning("data position saved with world size %s x %s workers, now %s x %s: every stream "
+                    "restarts at the beginning of its next epoch", meta.get("world"), meta.get("workers"),
+                    world, self.nw)
+        out: dict[str, Any] = {}
+        for src in sources:
+            saved = state.get(src.name, {}).get("positions", {})
+            epoch = max((p[0] for p in saved.values()), default=-1) + 1
+            out[src.name] = {"positions": {lw: [epoch, 0, 0, 0, 0, 0] for lw in range(self.nw)},
+                             "next_worker": 0}
+        return out
+
     def next(self, name: str) -> dict[str, Any]:
         batch = next(self._iters[name])
-        wid, skipped = batch.pop("skipped")
-        self._skipped[(name, int(wid))] = int(skipped)
+        lw, *pos = batch.pop("pos")
+        self._pos[name][int(lw)] = [int(x) for x in pos]
+        self._skipped[(name, int(lw))] = int(batch.pop("skipped"))
+        self._consumed[name] += 1
         return batch
+
+    def state(self) -> dict[str, Any]:
+        """This rank's data position: per source, per logical worker, and who comes next."""
+        out: dict[str, Any] = {"_layout": {"world": self.world, "workers": self.nw}}
+        for name, positions in self._pos.items():
+            nxt = (self._rotation[name] + self._consumed[name]) % self.nw
+            out[name] = {"positions": {str(k): v for k, v in sorted(positions.items())}, "next_worker": nxt}
+        return out
 
     @property
     def skipped(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import json
 import logging
 import math
@@ -89,8 +90,11 @@ def build_accelerator(cfg: Config) -> Any:
         # Text-only steps leave the grounding heads without gradients.
         "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)],
     }
+    timeout = datetime.timedelta(seconds=cfg.distributed.timeout_s)
     if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        kwargs["kwargs_handlers"].append(InitProcessGroupKwargs(backend="gloo"))
+        kwargs["kwargs_handlers"].append(InitProcessGroupKwargs(backend="gloo", timeout=timeout))
+    else:
+        kwargs["kwargs_handlers"].append(InitProcessGroupKwargs(timeout=timeout))
     if ds is not None:
         from accelerate.utils import DeepSpeedPlugin
 
@@ -113,15 +117,28 @@ def zero_stage(accelerator: Any) -> int:
     return int(plugin.zero_stage) if plugin is not None else -1
 
 
-def build_model(cfg: Config, image_dim: int, pretrained: bool = True) -> MCSEModel:
+def load_image_tower(cfg: Config) -> Any:
+    """The run's image tower (data_tools' ImageEncoder: model, preprocessing, dim) or None."""
+    if not cfg.model.image_tower:
+        return None
+    from data_tools.encoders import load_image_encoder
+
+    return load_image_encoder(cfg.model.image_tower)
+
+
+def build_model(cfg: Config, image_dim: int, pretrained: bool = True, tower: Any = None) -> MCSEModel:
     """The MCSE model of a run; ``pretrained=False`` builds the same architecture with
     untrained weights (a container for weights loaded next)."""
     lo = cfg.loss
+    if tower is None and cfg.model.image_tower:
+        tower = load_image_tower(cfg)
     model = MCSEModel.from_pretrained_encoder(
-        resolve_name(cfg.model.name_or_path), image_dim=image_dim, proj_dim=cfg.model.proj_dim,
-        pooler=cfg.model.pooler, mlp_head=cfg.model.mlp_head, dropout=cfg.model.dropout,
+        resolve_name(cfg.model.name_or_path), image_dim=tower.dim if tower is not None else image_dim,
+        proj_dim=cfg.model.proj_dim, pooler=cfg.model.pooler, mlp_head=cfg.model.mlp_head,
+        dropout=cfg.model.dropout,
         learnable_temperatures=(lo.temperature, lo.temperature_vl) if lo.learnable_temperature else None,
-        load_weights=pretrained)
+        load_weights=pretrained, image_tower=tower.model if tower is not None else None,
+        image_tower_spec=cfg.model.image_tower, train_image_tower=cfg.model.train_image_tower)
     if cfg.train.grad_checkpointing:
         enable_checkpointing(model.encoder)
     return model

@@ -157,7 +157,7 @@ def evaluate_tasks(encode: Encoder, sts_dir: str | Path,
 
 def make_encoder(model: Any, tokenizer: Any, pooler: str, *, batch_size: int = 128,
                  max_len: int = 0, device: Any = "cpu", progress: bool = True,
-                 desc: str = "encode") -> Encoder:
+                 desc: str = "encode", on_batch: Callable[[], None] | None = None) -> Encoder:
     """Batched sentence encoder over an :class:`~trainer.model.MCSEModel`.
 
     Sentences are sorted by length so each batch pads little (results do not depend on the
@@ -184,6 +184,8 @@ def make_encoder(model: Any, tokenizer: Any, pooler: str, *, batch_size: int = 1
                 with torch.inference_mode():
                     emb = model.sentence_embedding(toks, pooler)
                 chunks.append(emb.float().cpu().numpy())
+                if on_batch is not None:
+                    on_batch()
         finally:
             model.train(was_training)
         if chunks:

@@ -84,7 +84,9 @@ def masked_mean(hidden_BLH: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor
 class MCSEModel(nn.Module):
     def __init__(self, encoder: nn.Module, *, image_dim: int, proj_dim: int = 256,
                  pooler: str = "cls", mlp_head: bool = True,
-                 learnable_temperatures: tuple[float, float] | None = None) -> None:
+                 learnable_temperatures: tuple[float, float] | None = None,
+                 image_tower: nn.Module | None = None, image_tower_spec: str = "",
+                 train_image_tower: bool = False) -> None:
         super().__init__()
         hidden = int(encoder.config.hidden_size)
         self.encoder = encoder
@@ -94,12 +96,31 @@ class MCSEModel(nn.Module):
         self.image_head = ProjectionHead(image_dim, proj_dim) if image_dim > 0 else None
         self.image_dim = image_dim
         self.proj_dim = proj_dim
+        # Optional image encoder on decoded images; frozen unless asked (MCSE freezes it).
+        self.image_tower = image_tower
+        self.image_tower_spec = image_tower_spec
+        self.train_image_tower = train_image_tower
+        if image_tower is not None and not train_image_tower:
+            image_tower.requires_grad_(False)
         # CLIP-style learnable temperatures stored as log(1/τ). Fixed temperatures (MCSE) live
         # in the loss config instead.
         self.log_inv_tau: nn.Parameter | None = None
         if learnable_temperatures is not None:
             init = torch.tensor([-math.log(t) for t in learnable_temperatures])
             self.log_inv_tau = nn.Parameter(init)
+
+    def train(self, mode: bool = True) -> MCSEModel:
+        super().train(mode)
+        if self.image_tower is not None and not self.train_image_tower:
+            self.image_tower.eval()  # frozen: BatchNorm statistics and dropout stay fixed
+        return self
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        assert self.image_tower is not None
+        if self.train_image_tower:
+            return self.image_tower(pixels)
+        with torch.no_grad():
+            return self.image_tower(pixels)
 
     def temperatures(self) -> torch.Tensor:
         """τ clamped to [0.01, 1] in the forward pass, with a straight-through gradient.
@@ -119,7 +140,8 @@ class MCSEModel(nn.Module):
     def from_pretrained_encoder(cls, name_or_path: str, *, image_dim: int, proj_dim: int = 256,
                                 pooler: str = "cls", mlp_head: bool = True, dropout: float = -1.0,
                                 learnable_temperatures: tuple[float, float] | None = None,
-                                load_weights: bool = True) -> MCSEModel:
+                                load_weights: bool = True, image_tower: nn.Module | None = None,
+                                image_tower_spec: str = "", train_image_tower: bool = False) -> MCSEModel:
         from transformers import AutoConfig, AutoModel
 
         path = resolve_name(name_or_path)
@@ -137,7 +159,8 @@ class MCSEModel(nn.Module):
             except TypeError:
                 encoder = AutoModel.from_config(config)
         return cls(encoder, image_dim=image_dim, proj_dim=proj_dim, pooler=pooler, mlp_head=mlp_head,
-                   learnable_temperatures=learnable_temperatures)
+                   learnable_temperatures=learnable_temperatures, image_tower=image_tower,
+                   image_tower_spec=image_tower_spec, train_image_tower=train_image_tower)
 
     def save_pretrained(self, folder: str | Path, tokenizer: Any = None,
                         extra: dict[str, Any] | None = None) -> None:
@@ -148,10 +171,12 @@ class MCSEModel(nn.Module):
         self.encoder.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        heads = {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+        skip = ("encoder.",) if self.train_image_tower else ("encoder.", "image_tower.")
+        heads = {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith(skip)}
         torch.save(heads, folder / HEADS_FILE)
         meta = {"pooler": self.pooler, "mlp_head": self.mlp is not None, "proj_dim": self.proj_dim,
                 "image_dim": self.image_dim, "learnable_temperature": self.log_inv_tau is not None,
+                "image_tower": self.image_tower_spec, "train_image_tower": self.train_image_tower,
                 **(extra or {})}
         (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
@@ -159,13 +184,20 @@ class MCSEModel(nn.Module):
     def load(cls, folder: str | Path) -> MCSEModel:
         folder = Path(folder)
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        tower, spec = None, meta.get("image_tower", "")
+        if spec:
+            from data_tools.encoders import load_image_encoder
+
+            tower = load_image_encoder(spec).model
         model = cls.from_pretrained_encoder(
             str(folder), image_dim=meta["image_dim"], proj_dim=meta["proj_dim"], pooler=meta["pooler"],
             mlp_head=meta["mlp_head"],
-            learnable_temperatures=(1.0, 1.0) if meta.get("learnable_temperature") else None)
+            learnable_temperatures=(1.0, 1.0) if meta.get("learnable_temperature") else None,
+            image_tower=tower, image_tower_spec=spec, train_image_tower=meta.get("train_image_tower", False))
         heads = torch.load(folder / HEADS_FILE, map_location="cpu", weights_only=True)
         missing, unexpected = model.load_state_dict(heads, strict=False)
-        if unexpected or any(not k.startswith("encoder.") for k in missing):
+        frozen = () if meta.get("train_image_tower") else ("image_tower.",)
+        if unexpected or any(not k.startswith(("encoder.", *frozen)) for k in missing):
             raise ValueError(f"{folder / HEADS_FILE}: heads do not match the model "
                              f"(missing {missing}, unexpected {unexpected})")
         return model
@@ -191,6 +223,10 @@ class MCSEModel(nn.Module):
         z_2BH = self.mlp(pooled_2BH) if self.mlp is not None else pooled_2BH
         temperatures = self.temperatures() if self.log_inv_tau is not None else None
         image = batch.get("image_emb")
+        if image is None and "image" in batch:
+            if self.image_tower is None:
+                raise ValueError("batch of decoded images, but the model has no image tower (model.image_tower)")
+            image = self.image_features(batch["image"])
         if image is None:
             return MCSEOutputs.build((z_2BH[:B], z_2BH[B:]), temperatures=temperatures)
         if self.image_head is None:

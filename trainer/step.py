@@ -33,6 +33,18 @@ TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "image_emb")
 class StepResult:
     losses: dict[str, float]
     grad_norm: float | None
+    skipped: bool = False
+    """True when some rank saw a non-finite loss or gradient and every rank skipped the update."""
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient with train.nonfinite=stop (raised on every rank together)."""
+
+
+def _agreed_bad(value: torch.Tensor | float, device: Any) -> bool:
+    """True on every rank if the value is non-finite on any rank."""
+    finite = bool(torch.isfinite(torch.as_tensor(value)).all())
+    return dist.all_reduce_max(0.0 if finite else 1.0, device) > 0
 
 
 def _loss_kwargs(cfg: Config, offset: int) -> dict[str, Any]:
@@ -58,21 +70,25 @@ def _chunks(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.T
 
 
 def forward_backward(model: Any, batch: dict[str, torch.Tensor], cfg: Config,
-                     accelerator: Any) -> dict[str, float]:
-    """Loss terms of this rank's batch; gradients are left in the parameters."""
+                     accelerator: Any) -> tuple[dict[str, float], bool]:
+    """Loss terms of this rank's batch, and whether the backward ran; gradients are left in
+    the parameters. A non-finite loss on any rank means no rank runs the backward."""
     B = batch["input_ids"].shape[0]
     kwargs = _loss_kwargs(cfg, offset=accelerator.process_index * B)
     chunk = cfg.train.grad_cache_chunk
     if not chunk or chunk >= B:
         with accelerator.autocast():
             losses = mcse_loss(model(batch), **kwargs)
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        if _agreed_bad(values["loss"], accelerator.device):
+            return values, False
         accelerator.backward(losses["loss"])
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return values, True
     return _cached_forward_backward(model, batch, chunk, kwargs, accelerator)
 
 
 def _cached_forward_backward(model: Any, batch: dict[str, torch.Tensor], chunk: int,
-                             loss_kwargs: dict[str, Any], accelerator: Any) -> dict[str, float]:
+                             loss_kwargs: dict[str, Any], accelerator: Any) -> tuple[dict[str, float], bool]:
     device = batch["input_ids"].device
     parts = _chunks(batch, chunk)
     K = len(parts)
@@ -96,6 +112,10 @@ def _cached_forward_backward(model: Any, batch: dict[str, torch.Tensor], chunk: 
     # The loss over the full global batch, differentiated w.r.t. the cached embeddings only.
     with accelerator.autocast():
         losses = mcse_loss(outs[0].with_tensors(leaves), **loss_kwargs)
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    if _agreed_bad(values["loss"], device):
+        _set_rng_state(resume_state, device)
+        return values, False
     losses["loss"].backward()
     grads = [leaf.grad for leaf in leaves]
 
@@ -116,19 +136,34 @@ def _cached_forward_backward(model: Any, batch: dict[str, torch.Tensor], chunk: 
                 surrogate = surrogate + (out[-1] * grads[-1].to(out[-1].dtype)).sum()
             accelerator.backward(surrogate * K)
     _set_rng_state(resume_state, device)
-    return {k: float(v.detach()) for k, v in losses.items()}
+    return values, True
 
 
 def train_step(model: Any, optimizer: Any, scheduler: Any, batch: dict[str, torch.Tensor], cfg: Config,
                accelerator: Any) -> StepResult:
-    """forward_backward, then clip, update, schedule and zero the gradients."""
-    losses = forward_backward(model, batch, cfg, accelerator)
+    """forward_backward, then clip, update, schedule and zero the gradients.
+
+    Non-finite values are agreed across ranks before anything is applied: the loss before the
+    backward (all engines), the gradient norm before the optimizer step (plain and DDP; under
+    DeepSpeed the update happens inside its backward, so only the loss check applies there).
+    With train.nonfinite=skip every rank then skips the update; with stop every rank raises.
+    """
+    losses, ran = forward_backward(model, batch, cfg, accelerator)
     grad_norm = None
-    if cfg.optim.grad_clip > 0:
-        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+    if ran:
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        norm = accelerator.clip_grad_norm_(model.parameters(), clip)
         grad_norm = float(norm) if norm is not None else None
-    optimizer.step()
+        if not deepspeed and grad_norm is not None and _agreed_bad(grad_norm, accelerator.device):
+            ran = False
+    if not ran and cfg.train.nonfinite == "stop":
+        raise NonFiniteError(f"non-finite loss or gradient (loss {losses.get('loss')}, gradient norm "
+                             f"{grad_norm}) on at least one rank; stopping before the optimizer step "
+                             f"(train.nonfinite=stop)")
+    if ran:
+        optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(losses, grad_norm)
+    return StepResult(losses, grad_norm if ran else None, skipped=not ran)

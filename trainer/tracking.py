@@ -1,17 +1,30 @@
-"""Experiment tracking on rank 0: MLflow, or a null tracker.
+"""Experiment tracking on rank 0: MLflow that never blocks or kills training.
 
-Only the main process ever constructs an :class:`MLflowTracker`; every other rank gets a
-:class:`NullTracker`, so no worker rank can block on a tracking server. Tracking failures are
-reported once as a warning and never raised into the training loop: losing a metric is
-better than losing a run.
+Only the main process constructs an :class:`MLflowTracker`; every other rank gets a
+:class:`NullTracker`, so no worker rank ever talks to a tracking server.
+
+The tracker is asynchronous: the training loop only appends operations (params, metrics,
+tags, artifacts, the model) to a queue, and a background thread sends them in order. When the
+server is unreachable the thread keeps the operations, warns once, and retries with backoff;
+nothing is dropped and nothing is raised into the loop. At the end of the run :meth:`finish`
+waits a bounded time for the queue to drain; whatever could not be sent is written to
+``run_dir/mlflow_spool.jsonl`` and sent by the next run in that folder (a resumed or requeued
+job) or by ``python -m trainer.tracking replay RUN_DIR``. The MLflow run id is kept in every
+checkpoint, so a resumed job continues the same run and its step axis.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import platform
+import queue
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +32,14 @@ from trainer.config import TrackingConfig
 
 log = logging.getLogger("webmcse.tracking")
 
+SPOOL = "mlflow_spool.jsonl"
 _PARAM_BATCH = 100
 _METRIC_BATCH = 1000
 
 
 class NullTracker:
+    """Tracking disabled (and every rank but 0)."""
+
     run_id: str | None = None
     experiment_id: str | None = None
 
@@ -35,70 +51,15 @@ class NullTracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
+    def log_model(self, model_dir: str | Path, pooler: str) -> None: ...
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return True
+
     def finish(self, status: str = "FINISHED") -> None: ...
 
     def describe(self) -> str:
         return "tracking disabled (tracking.backend=none)"
-
-
-class MLflowTracker(NullTracker):
-    def __init__(self, cfg: TrackingConfig, run_name: str) -> None:
-        from mlflow.tracking import MlflowClient
-
-        # No URI configured: MLflow's own default (MLFLOW_TRACKING_URI, else the local
-        # sqlite:///mlflow.db of the working folder) is exactly what a bare `mlflow ui` reads.
-        self.client = MlflowClient(tracking_uri=cfg.uri or None)
-        self.uri = self.client.tracking_uri
-        exp = self.client.get_experiment_by_name(cfg.experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
-        run = self.client.create_run(self.experiment_id, run_name=run_name)
-        self.run_id = run.info.run_id
-        self.run_name = run_name
-        self._warned = False
-
-    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception as exc:  # tracking must never stop training
-            if not self._warned:
-                log.warning("MLflow %s failed (%s: %s); training continues, later failures are "
-                            "silent", what, type(exc).__name__, str(exc)[:300])
-                self._warned = True
-
-    def log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), _PARAM_BATCH):
-            self._guard("log_params", self.client.log_batch, self.run_id,
-                        params=items[i:i + _PARAM_BATCH])
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self._guard("set_tags", self.client.log_batch, self.run_id,
-                    tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(items), _METRIC_BATCH):
-            self._guard("log_metrics", self.client.log_batch, self.run_id,
-                        metrics=items[i:i + _METRIC_BATCH])
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._guard("log_artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        self._guard("finish", self.client.set_terminated, self.run_id, status)
-
-    def describe(self) -> str:
-        return (f"MLflow run {self.run_name} ({self.run_id}) in experiment {self.experiment_id} "
-                f"at {self.uri}. View it: {ui_command(self.uri)}")
 
 
 def ui_command(uri: str) -> str:
@@ -112,10 +73,227 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000"
 
 
-def make_tracker(cfg: TrackingConfig, run_name: str, is_main: bool) -> NullTracker:
+def _fast_failing_http() -> None:
+    """MLflow retries a failed request for minutes by default; our thread retries itself."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+class MLflowTracker(NullTracker):
+    def __init__(self, cfg: TrackingConfig, run_name: str, run_dir: Path | None = None,
+                 run_id: str | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        _fast_failing_http()
+        self.cfg = cfg
+        self.run_name = run_name
+        self.run_dir = run_dir
+        # No URI configured: MLflow's own default (MLFLOW_TRACKING_URI, else the local
+        # sqlite:///mlflow.db of the working folder) is exactly what a bare `mlflow ui` reads.
+        self.client = MlflowClient(tracking_uri=cfg.uri or None)
+        self.uri = self.client.tracking_uri
+        self.run_id = run_id
+        self.experiment_id = None
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._pending: list[tuple[str, Any]] = []
+        self._outage_since: float | None = None
+        self._lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closed = False
+        self._monitor: Any = None
+        self.seconds_in_log_calls = 0.0
+        self._start_run()
+        if run_dir is not None and (run_dir / SPOOL).is_file():
+            self._load_spool(run_dir / SPOOL)
+        self._thread = threading.Thread(target=self._work, name="webmcse-mlflow", daemon=True)
+        self._thread.start()
+
+    # -- run creation (synchronous but bounded; failure leaves run creation to the thread)
+
+    def _start_run(self) -> None:
+        try:
+            self._ensure_run()
+        except Exception as exc:
+            log.warning("MLflow at %s is unreachable (%s); tracking will catch up when it returns",
+                        self.uri, str(exc)[:200])
+            self._outage_since = time.monotonic()
+
+    def _ensure_run(self) -> None:
+        if self.run_id is not None and self.experiment_id is not None:
+            return
+        if self.run_id is not None:  # resumed: continue the same run
+            run = self.client.get_run(self.run_id)
+            self.experiment_id = run.info.experiment_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            exp = self.client.get_experiment_by_name(self.cfg.experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.cfg.experiment)
+            self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name).info.run_id
+        if self.cfg.system_metrics:
+            self._start_system_metrics()
+
+    def _start_system_metrics(self) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, resume_logging=True,
+                                                 tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as exc:  # optional: never a reason to fail
+            log.info("MLflow system metrics unavailable (%s)", exc)
+            self._monitor = None
+
+    # -- the queue ------------------------------------------------------------------------
+
+    def _put(self, kind: str, payload: Any) -> None:
+        if self._closed:
+            return
+        t0 = time.perf_counter()
+        self._idle.clear()
+        self._queue.put((kind, payload))
+        self.seconds_in_log_calls += time.perf_counter() - t0
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self._put("params", {k: str(v)[:6000] for k, v in params.items()})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._put("tags", {k: str(v) for k, v in tags.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._put("metrics", {"values": {k: float(v) for k, v in metrics.items()}, "step": int(step),
+                              "ts": int(time.time() * 1000)})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._put("artifact", {"path": str(path), "artifact_path": artifact_path})
+
+    def log_model(self, model_dir: str | Path, pooler: str) -> None:
+        self._put("model", {"path": str(model_dir), "pooler": pooler})
+
+    def _send(self, kind: str, payload: Any) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        self._ensure_run()
+        if kind == "params":
+            items = [Param(k, v) for k, v in payload.items()]
+            for i in range(0, len(items), _PARAM_BATCH):
+                self.client.log_batch(self.run_id, params=items[i:i + _PARAM_BATCH])
+        elif kind == "tags":
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in payload.items()])
+        elif kind == "metrics":
+            items = [Metric(k, v, payload["ts"], payload["step"]) for k, v in payload["values"].items()]
+            for i in range(0, len(items), _METRIC_BATCH):
+                self.client.log_batch(self.run_id, metrics=items[i:i + _METRIC_BATCH])
+        elif kind == "artifact":
+            if Path(payload["path"]).is_dir():
+                self.client.log_artifacts(self.run_id, payload["path"], payload["artifact_path"])
+            elif Path(payload["path"]).is_file():
+                self.client.log_artifact(self.run_id, payload["path"], payload["artifact_path"])
+        elif kind == "model":
+            self._send_model(payload["path"], payload["pooler"])
+        elif kind == "terminate":
+            if self._monitor is not None:
+                self._monitor.finish()
+                self._monitor = None
+            self.client.set_terminated(self.run_id, payload)
+
+    def _send_model(self, model_dir: str, pooler: str) -> None:
+        import tempfile
+
+        from trainer.mlflow_model import save_pyfunc
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model"
+            save_pyfunc(Path(model_dir), path, pooler)
+            self.client.log_artifacts(self.run_id, str(path), "model")
+
+    def _work(self) -> None:
+        backoff = 1.0
+        while True:
+            with self._lock:
+                if not self._pending:
+                    try:
+                        self._pending.append(self._queue.get(timeout=0.5))
+                    except queue.Empty:
+                        self._idle.set()
+                        if self._closed:
+                            return
+                        continue
+                kind, payload = self._pending[0]
+            try:
+                self._send(kind, payload)
+            except Exception as exc:
+                if self._outage_since is None:
+                    self._outage_since = time.monotonic()
+                    log.warning("MLflow at %s failed (%s: %s); metrics are kept and sent when it is "
+                                "back", self.uri, type(exc).__name__, str(exc)[:200])
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            with self._lock:
+                self._pending.pop(0)
+            if self._outage_since is not None:
+                log.warning("MLflow reachable again after %.0f s; catching up",
+                            time.monotonic() - self._outage_since)
+                self._outage_since = None
+            backoff = 1.0
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait (bounded) until everything queued so far was sent."""
+        deadline = time.monotonic() + (self.cfg.flush_timeout_s if timeout is None else timeout)
+        while time.monotonic() < deadline:
+            if self._idle.wait(0.2) and self._queue.empty() and not self._pending:
+                return True
+        return False
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._put("terminate", status)
+        drained = self.flush()
+        self._closed = True
+        if not drained:
+            self._spill()
+
+    def _spill(self) -> None:
+        with self._lock:
+            ops = list(self._pending)
+            while not self._queue.empty():
+                ops.append(self._queue.get_nowait())
+            self._pending.clear()
+        if not ops or self.run_dir is None:
+            return
+        path = self.run_dir / SPOOL
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"run_id": self.run_id, "uri": self.uri}) + "\n")
+            for kind, payload in ops:
+                fh.write(json.dumps([kind, payload]) + "\n")
+        log.warning("MLflow at %s still unreachable: %d tracking operations kept in %s; they are "
+                    "sent by the next run in this folder or by `python -m trainer.tracking replay %s`",
+                    self.uri, len(ops), path, self.run_dir)
+
+    def _load_spool(self, path: Path) -> None:
+        """Queue a previous run's unsent operations first (same run id)."""
+        lines = path.read_text(encoding="utf-8").splitlines()
+        ops = []
+        for line in lines:
+            item = json.loads(line)
+            if isinstance(item, list) and item[0] != "terminate":
+                ops.append((item[0], item[1]))
+        for op in ops:
+            self._queue.put(op)
+        path.unlink()
+        log.info("queued %d tracking operations left by an earlier run from %s", len(ops), path)
+
+    def describe(self) -> str:
+        return (f"MLflow run {self.run_name} ({self.run_id}) in experiment {self.experiment_id} "
+                f"at {self.uri}. View it: {ui_command(self.uri)}")
+
+
+def make_tracker(cfg: TrackingConfig, run_name: str, is_main: bool, run_dir: Path | None = None,
+                 run_id: str | None = None) -> NullTracker:
     if not is_main or cfg.backend == "none":
         return NullTracker()
-    return MLflowTracker(cfg, run_name)
+    return MLflowTracker(cfg, run_name, run_dir=run_dir, run_id=run_id)
 
 
 def run_tags(world_size: int, manifests: dict[str, str]) -> dict[str, str]:
@@ -141,3 +319,80 @@ def run_tags(world_size: int, manifests: dict[str, str]) -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         pass
     return tags
+
+
+def write_plots(run_dir: Path, state: Any, final: dict[str, Any] | None) -> list[Path]:
+    """PNG plots of the run (loss curves, dev metric over steps, final STS results)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    paths = []
+    if state.loss_curve:
+        steps = [p[0] for p in state.loss_curve]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(steps, [p[1] for p in state.loss_curve], label="total loss")
+        mm = [(p[0], p[2]) for p in state.loss_curve if p[2] == p[2]]  # not NaN
+        if mm:
+            ax.plot([m[0] for m in mm], [m[1] for m in mm], label="multimodal term")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out_dir / "loss.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    evals = [(h["step"], v) for h in state.history for k, v in h.items() if k != "step"]
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([e[0] for e in evals], [e[1] for e in evals], marker="o")
+        ax.set_xlabel("step")
+        ax.set_ylabel("dev Spearman x100")
+        fig.tight_layout()
+        paths.append(out_dir / "dev.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    if final:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = list(final)
+        ax.bar(names, [final[n]["spearman"] for n in names])
+        ax.set_ylabel("Spearman x100")
+        ax.tick_params(axis="x", rotation=45)
+        fig.tight_layout()
+        paths.append(out_dir / "sts.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def replay(run_dir: Path, uri: str | None = None, timeout: float = 120.0) -> int:
+    """Send a spool file left by a run whose tracking server was down at the end."""
+    path = run_dir / SPOOL
+    if not path.is_file():
+        print(f"{path}: nothing to replay")
+        return 0
+    first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+    cfg = TrackingConfig(uri=uri or first.get("uri", ""), flush_timeout_s=timeout)
+    tracker = MLflowTracker(cfg, run_dir.name, run_dir=run_dir, run_id=first.get("run_id"))
+    tracker.finish("FINISHED")
+    ok = not path.exists()
+    print(f"{'replayed' if ok else 'could not replay'} {path} to {tracker.uri}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.tracking")
+    sub = p.add_subparsers(dest="verb", required=True)
+    r = sub.add_parser("replay", help="send tracking operations a run kept while MLflow was down")
+    r.add_argument("run_dir", type=Path)
+    r.add_argument("--uri", help="tracking URI (default: the one the run used)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return replay(args.run_dir, args.uri)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

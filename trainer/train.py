@@ -1,8 +1,10 @@
-"""The training loop: data schedule -> MCSE loss -> optimizer step -> eval/export -> tracking.
+"""The training loop: schedule -> batch -> step -> log / evaluate / checkpoint -> report.
 
-Kept as one readable loop. Everything a step needs is built once in :func:`train`; the loop
-body only moves a batch, computes the loss with gathered negatives, steps, and on cadence
-logs, evaluates and exports.
+Everything a step needs is built once in :func:`train`; the loop body moves a batch, runs
+:func:`trainer.step.train_step`, and on cadence logs metrics, evaluates the dev task on rank 0,
+writes a checkpoint, and checks (together with every other rank) whether it was asked to stop.
+A run resumes from its newest valid checkpoint: model, optimizer, schedule, RNG, data position,
+progress and MLflow run all continue where they were.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import datetime as _dt
 import json
 import logging
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,36 +23,51 @@ import torch
 from tqdm import tqdm
 
 from trainer import dist
-from trainer.checkpoint import export_model
-from trainer.config import Config, flatten, save_config
+from trainer.checkpoint import (
+    CheckpointError,
+    committed_checkpoints,
+    export_model,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    verify,
+)
+from trainer.config import Config, flatten, save_config, to_dict
+from trainer.control import PREEMPTED_FILE, STOP_FILE, StopRequest, Watchdog
 from trainer.data import BatchStreams, DataError, Schedule, open_source
 from trainer.engine import (
     build_model,
     build_optimizer,
     build_scheduler,
     eval_copy,
+    load_image_tower,
     unsharded_construction,
     zero_stage,
 )
 from trainer.evaluate import evaluate_tasks, load_task, make_encoder, results_markdown
 from trainer.model import MCSEModel, resolve_name
 from trainer.step import train_step
-from trainer.tracking import make_tracker, run_tags
+from trainer.tracking import make_tracker, run_tags, write_plots
 
 log = logging.getLogger("webmcse.train")
 
 
 @dataclass
 class TrainState:
-    """Everything about progress that is not a tensor."""
+    """Everything about progress that is not a tensor (saved in every checkpoint)."""
 
     step: int = 0
     samples_seen: int = 0
     caption_steps: int = 0
+    skipped_steps: int = 0
     best_metric: float = -math.inf
     best_step: int = -1
     before_metric: float | None = None
     after_metric: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    loss_curve: list[list[float]] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+    resumed_from: list[int] = field(default_factory=list)
 
 
 def setup_logging(is_main: bool) -> None:
@@ -92,8 +110,34 @@ class _Averager:
         return out
 
 
+def _choose_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from (rank 0 decides; damaged ones are skipped, loudly)."""
+    mode = cfg.train.resume
+    if mode not in ("auto", "never"):
+        path = Path(mode)
+        verify(path)  # an explicitly named checkpoint must be valid
+        return path
+    found = committed_checkpoints(run_dir)
+    if mode == "never":
+        if found:
+            raise CheckpointError(f"{run_dir}: holds checkpoints ({found[0].name} ...) and "
+                                  f"train.resume=never; pass train.resume=auto to continue the run or "
+                                  f"choose another train.run_name")
+        return None
+    for ckpt in found:
+        try:
+            verify(ckpt)
+            return ckpt
+        except CheckpointError as exc:
+            log.error("cannot resume from %s: %s; trying the previous checkpoint", ckpt.name, exc)
+    if found:
+        raise CheckpointError(f"{run_dir / 'checkpoints'}: every checkpoint is damaged "
+                              f"({', '.join(p.name for p in found)}); see the errors above")
+    return None
+
+
 def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
-    """Run one training job; returns the results summary (also written to the run folder)."""
+    """Run (or resume) one training job; returns the results summary."""
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
@@ -101,6 +145,8 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
     setup_logging(is_main)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
     # ---- data: manifests are read and checked before any model is loaded
     sources = [open_source(s, i) for i, s in enumerate(cfg.data.sources)]
@@ -108,97 +154,162 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
     if len(set(names)) != len(names):
         raise DataError(f"data.sources: two sources share the name {max(names, key=names.count)!r}; "
                         f"give each a distinct data.sources.N.name")
-    dims = {s.image_dim for s in sources if s.kind == "pairs"}
-    if len(dims) > 1:
-        raise DataError(f"data.sources: pairs sources have different image feature sizes "
-                        f"{sorted(dims)}; embed them with the same encoder")
-    image_dim = cfg.model.image_dim or (dims.pop() if dims else 0)
-    if dims and cfg.model.image_dim and cfg.model.image_dim not in dims:
-        raise DataError(f"model.image_dim={cfg.model.image_dim} but the pairs manifests say "
-                        f"{sorted(dims)}")
+    tower = load_image_tower(cfg)
+    image_dim = _image_dim(cfg, sources, tower)
     global_batch = cfg.data.batch_size * world
     schedule = Schedule.build(sources, cfg.data, global_batch, cfg.train.seed)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * schedule.steps_per_epoch))
     for task in {cfg.eval.dev_task, *cfg.eval.final_tasks}:
         load_task(cfg.eval.sts_dir, task)  # missing eval data fails now, not after hours
 
-    # ---- run folder and tracking (rank 0 decides the name; every rank uses it)
-    run_name = cfg.train.run_name or default_run_name(cfg, world)
-    run_name = dist.broadcast_object(run_name)
+    # ---- run folder; rank 0 decides the name and the checkpoint, every rank uses them
+    run_name = dist.broadcast_object(cfg.train.run_name or default_run_name(cfg, world))
     run_dir = Path(cfg.train.output_dir) / run_name
+    ckpt_choice: Any = None
+    if is_main:
+        try:
+            ckpt_choice = _choose_checkpoint(cfg, run_dir)
+        except CheckpointError as exc:
+            ckpt_choice = exc
+    ckpt_choice = dist.broadcast_object(str(ckpt_choice) if isinstance(ckpt_choice, Path) else
+                                        (f"!{ckpt_choice}" if ckpt_choice is not None else None))
+    if isinstance(ckpt_choice, str) and ckpt_choice.startswith("!"):
+        raise CheckpointError(ckpt_choice[1:])
+    ckpt = Path(ckpt_choice) if ckpt_choice else None
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    tracker = make_tracker(cfg.tracking, run_name, is_main)
-    tracker.log_params(flatten(cfg))
-    tracker.set_tags(run_tags(world, {s.name: s.manifest_sha256 for s in sources}))
-    tracker.log_artifact(run_dir / "config.yaml")
+        _write_config(cfg, run_dir, resumed=ckpt is not None)
+        for marker in (STOP_FILE, PREEMPTED_FILE):
+            (run_dir / marker).unlink(missing_ok=True)
 
-    # ---- model and optimizer
+    # ---- model, optimizer, schedule
     tokenizer = AutoTokenizer.from_pretrained(resolve_name(cfg.model.name_or_path))
-    model = build_model(cfg, image_dim)
+    model = build_model(cfg, image_dim, tower=tower)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     dist.setup_long_waits(cfg.distributed.eval_wait_timeout_s)
+
+    state, data_state, rng_state = TrainState(), {}, None
+    if ckpt is not None:
+        t0 = time.perf_counter()
+        saved, data_state, rng_state = load_checkpoint(ckpt, accelerator, model, optimizer, scheduler)
+        state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
+        state.resumed_from.append(state.step)
+        log.info("resumed from %s (step %d) in %.1f s", ckpt, state.step, time.perf_counter() - t0)
+
+    tracker = make_tracker(cfg.tracking, run_name, is_main, run_dir=run_dir, run_id=state.mlflow_run_id)
+    state.mlflow_run_id = tracker.run_id
+    if ckpt is None:
+        tracker.log_params(flatten(cfg))
+        tracker.set_tags(run_tags(world, {s.name: s.manifest_sha256 for s in sources}))
+        tracker.log_artifact(run_dir / "config.yaml")
+    else:
+        tracker.set_tags({"webmcse.resumed_at_step": str(state.step)})
+
     streams = BatchStreams(sources, tokenizer, cfg.data, seed=cfg.train.seed, rank=rank, world=world,
-                           image_dim=image_dim)
+                           image_dim=image_dim, image_transform=tower.preprocess if tower else None,
+                           state=data_state)
+    if rng_state is not None:
+        # Restored after the DataLoaders started: creating them draws from the global RNG.
+        set_rng_state(rng_state)
 
     every = (f"one every {schedule.caption_every} steps" if cfg.data.schedule == "mcse"
              else f"{cfg.data.caption_ratio:.0%} of steps")
-    log.info("run %s: %d steps (%d per epoch), global batch %d on %d process(es), caption batches: "
-             "%s; sources: %s", run_name, total_steps, schedule.steps_per_epoch,
-             global_batch, world, every, ", ".join(f"{s.name} ({s.kind}, {s.n_samples})" for s in sources))
+    log.info("run %s: steps %d..%d (%d per epoch), global batch %d on %d process(es), caption batches: "
+             "%s; sources: %s", run_name, state.step, total_steps, schedule.steps_per_epoch, global_batch,
+             world, every, ", ".join(f"{s.name} ({s.kind}, {s.n_samples})" for s in sources))
 
-    state = TrainState()
-    evaluator = _Evaluator(cfg, accelerator, tokenizer, tracker, run_dir, image_dim)
-    if cfg.eval.at_start:
+    watchdog = Watchdog(run_dir, rank, world, cfg.distributed.heartbeat_timeout_s)
+    watchdog.start()
+    stop = StopRequest(run_dir, cfg.train.stop_check_every)
+    evaluator = _Evaluator(cfg, accelerator, tokenizer, tracker, run_dir, image_dim, watchdog)
+    if cfg.eval.at_start and ckpt is None:
         state.before_metric = evaluator.dev(model, state, 0, consider_best=False)
 
+    def checkpoint() -> None:
+        if keys_log is not None:
+            keys_log.flush()
+        watchdog.waiting(True)
+        save_checkpoint(run_dir, state.step, accelerator, model, optimizer, scheduler, asdict(state),
+                        streams.state(), cfg.train.keep_checkpoints,
+                        barrier=lambda: dist.wait_for_main("the checkpoint"))
+        watchdog.waiting(False)
+
+    keys_log = _KeyLog(run_dir, rank) if cfg.train.record_keys else None
     avg = _Averager()
-    bar = tqdm(total=total_steps, desc="train", unit=" step", disable=not is_main, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit=" step", disable=not is_main,
+               dynamic_ncols=True)
     t_log = time.perf_counter()
-    wait_acc = 0.0
+    wait_acc, steps_since_log = 0.0, 0
     model.train()
-    for step in range(total_steps):
-        t0 = time.perf_counter()
-        source = schedule.source_at(step)
-        batch = streams.next(source.name)
-        keys = batch.pop("keys")
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-        wait_acc += time.perf_counter() - t0
+    preempted = False
+    try:
+        while state.step < total_steps:
+            t0 = time.perf_counter()
+            source = schedule.source_at(state.step)
+            batch = streams.next(source.name)
+            keys = batch.pop("keys")
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+            wait_acc += time.perf_counter() - t0
 
-        result = train_step(model, optimizer, scheduler, batch, cfg, accelerator)
+            result = train_step(model, optimizer, scheduler, batch, cfg, accelerator)
 
-        state.step = step + 1
-        state.samples_seen += len(keys) * world
-        state.caption_steps += int(source.kind == "pairs")
-        step_metrics = dict(result.losses)
-        if result.grad_norm is not None:
-            step_metrics["grad_norm"] = result.grad_norm
-        avg.add(step_metrics)
-        bar.update(1)
+            state.step += 1
+            watchdog.beat(state.step)  # before any logging collective, so a stall is attributable
+            if keys_log is not None:
+                keys_log.add(state.step, source.name, keys)
+            state.samples_seen += len(keys) * world
+            state.caption_steps += int(source.kind == "pairs")
+            state.skipped_steps += int(result.skipped)
+            steps_since_log += 1
+            step_metrics = dict(result.losses)
+            if result.grad_norm is not None:
+                step_metrics["grad_norm"] = result.grad_norm
+            avg.add(step_metrics)
+            bar.update(1)
 
-        if state.step % cfg.train.log_every == 0 or state.step == total_steps:
-            elapsed = time.perf_counter() - t_log
-            metrics = avg.pop()
-            n_steps = state.step % cfg.train.log_every or cfg.train.log_every
-            metrics.update({
-                "lr": scheduler.get_last_lr()[0],
-                **_temperature_metrics(accelerator, model),
-                "samples_per_s": n_steps * global_batch / max(elapsed, 1e-9),
-                "data_wait_frac": wait_acc / max(elapsed, 1e-9),
-                "skipped_samples": streams.skipped,
-                "caption_steps": state.caption_steps,
-                "epoch": state.step / schedule.steps_per_epoch,
-            })
-            tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, state.step)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-            t_log, wait_acc = time.perf_counter(), 0.0
+            if state.step % cfg.train.log_every == 0 or state.step == total_steps:
+                elapsed = time.perf_counter() - t_log
+                metrics = avg.pop()
+                metrics.update({
+                    "lr": scheduler.get_last_lr()[0],
+                    **_temperature_metrics(accelerator, model),
+                    "samples_per_s": steps_since_log * global_batch / max(elapsed, 1e-9),
+                    "data_wait_frac": wait_acc / max(elapsed, 1e-9),
+                    "skipped_samples": dist.all_reduce_sum(streams.skipped),
+                    "skipped_steps": state.skipped_steps,
+                    "caption_steps": state.caption_steps,
+                    "epoch": state.step / schedule.steps_per_epoch,
+                })
+                tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, state.step)
+                state.loss_curve.append([state.step, metrics.get("loss", float("nan")),
+                                         metrics.get("loss_mm", float("nan"))])
+                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", refresh=False)
+                t_log, wait_acc, steps_since_log = time.perf_counter(), 0.0, 0
 
-        if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < total_steps:
-            evaluator.dev(model, state, state.step)
-    bar.close()
+            if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < total_steps:
+                evaluator.dev(model, state, state.step)
+            if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0 \
+                    and state.step < total_steps:
+                checkpoint()
+            if state.step < total_steps and stop.agreed(state.step, accelerator.device):
+                log.warning("stop requested (%s): checkpointing at step %d and exiting", stop.reason, state.step)
+                checkpoint()
+                preempted = True
+                break
+    finally:
+        bar.close()
+        watchdog.close()
+        if keys_log is not None:
+            keys_log.close()
+
+    if preempted:
+        if is_main:
+            (run_dir / PREEMPTED_FILE).write_text(json.dumps({"step": state.step, "reason": stop.reason}) + "\n")
+        tracker.set_tags({"webmcse.preempted_at_step": str(state.step)})
+        tracker.flush()
+        return {"state": asdict(state), "preempted": True, "table": ""}
 
     state.after_metric = evaluator.dev(model, state, state.step)
     if cfg.train.save_final:
@@ -210,6 +321,60 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
         print("\n" + summary["table"])
         print(tracker.describe())
     return summary
+
+
+class _KeyLog:
+    """Per-rank JSON lines {step, source, keys}: which samples every step consumed."""
+
+    def __init__(self, run_dir: Path, rank: int) -> None:
+        folder = run_dir / "sample_keys"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.fh = open(folder / f"rank{rank}.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - kept open
+
+    def add(self, step: int, source: str, keys: list[str]) -> None:
+        self.fh.write(json.dumps({"step": step, "source": source, "keys": keys}) + "\n")
+
+    def flush(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        self.flush()
+        self.fh.close()
+
+
+def _image_dim(cfg: Config, sources: list[Any], tower: Any) -> int:
+    pairs = [s for s in sources if s.kind == "pairs"]
+    if tower is not None:
+        return int(tower.dim)
+    missing = [s for s in pairs if not s.image_dim]
+    if missing:
+        raise DataError(f"source {missing[0].name} ({missing[0].path}): pairs without image features; run "
+                        f"`webmcse-data embed {missing[0].path}` or set model.image_tower")
+    dims = {s.image_dim for s in pairs}
+    if len(dims) > 1:
+        raise DataError(f"data.sources: pairs sources have different image feature sizes "
+                        f"{sorted(dims)}; embed them with the same encoder")
+    if dims and cfg.model.image_dim and cfg.model.image_dim not in dims:
+        raise DataError(f"model.image_dim={cfg.model.image_dim} but the pairs manifests say {sorted(dims)}")
+    return cfg.model.image_dim or (dims.pop() if dims else 0)
+
+
+def _write_config(cfg: Config, run_dir: Path, resumed: bool) -> None:
+    """The resolved config of the run; a resume with different settings keeps the original
+    and writes its own next to it."""
+    path = run_dir / "config.yaml"
+    if not resumed or not path.is_file():
+        save_config(cfg, path)
+        return
+    import yaml
+
+    original = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if original != to_dict(cfg):
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        other = run_dir / f"config.resume-{stamp}.yaml"
+        save_config(cfg, other)
+        log.warning("resuming with a config that differs from %s; this invocation's is %s", path, other)
 
 
 def _temperature_metrics(accelerator: Any, model: Any) -> dict[str, float]:
@@ -230,54 +395,70 @@ class _Evaluator:
     """
 
     def __init__(self, cfg: Config, accelerator: Any, tokenizer: Any, tracker: Any, run_dir: Path,
-                 image_dim: int) -> None:
+                 image_dim: int, watchdog: Watchdog) -> None:
         self.cfg = cfg
         self.acc = accelerator
         self.tok = tokenizer
         self.tracker = tracker
         self.run_dir = run_dir
         self.image_dim = image_dim
-        self.history: list[dict[str, Any]] = []
+        self.watchdog = watchdog
 
     def _encoder(self, model: Any, desc: str) -> Any:
         e = self.cfg.eval
         return make_encoder(model, self.tok, e.pooler, batch_size=e.batch_size, max_len=e.max_len,
-                            device=self.acc.device, progress=True, desc=desc)
+                            device=self.acc.device, progress=True, desc=desc,
+                            on_batch=lambda: self.watchdog.beat())
+
+    def _solo(self, model: Any, what: str) -> Any:
+        """The model rank 0 works on alone; the other ranks are marked as waiting."""
+        solo = eval_copy(self.acc, model, self.cfg, self.image_dim)
+        if solo is None:
+            self.watchdog.waiting(True)
+        return solo
+
+    def _done(self, what: str) -> None:
+        dist.wait_for_main(what)
+        self.watchdog.waiting(False)
 
     def dev(self, model: Any, state: TrainState, step: int, consider_best: bool = True) -> float | None:
         """Evaluate the dev task on rank 0 (and export it if it is the best so far)."""
         score = None
-        solo = eval_copy(self.acc, model, self.cfg, self.image_dim)
+        solo = self._solo(model, "evaluation")
         if solo is not None:
             task = self.cfg.eval.dev_task
             t0 = time.perf_counter()
-            encoder = self._encoder(solo, f"eval {task} @ {step}")
-            res = evaluate_tasks(encoder, self.cfg.eval.sts_dir, [task])
+            res = evaluate_tasks(self._encoder(solo, f"eval {task} @ {step}"), self.cfg.eval.sts_dir, [task])
             score = res[task]["spearman"]
-            self.history.append({"step": step, task: score})
+            state.history.append({"step": step, task: score})
             self.tracker.log_metrics({f"eval/{task}": score, "eval/seconds": time.perf_counter() - t0}, step)
             log.info("step %d: %s Spearman x100 = %.2f", step, task, score)
             if consider_best and score > state.best_metric:
                 state.best_metric, state.best_step = score, step
                 if self.cfg.train.save_best:
                     self._export(solo, self.run_dir / "best", state, score)
-        dist.wait_for_main("the evaluation")
-        return score
+        self._done("the evaluation")
+        # Every rank keeps the same progress record (it is part of every rank's checkpoint).
+        synced = dist.broadcast_object([state.best_metric, state.best_step, state.history])
+        state.best_metric, state.best_step, state.history = synced
+        return dist.broadcast_object(score)
 
     def export(self, model: Any, folder: Path, state: TrainState, score: float | None) -> None:
-        solo = eval_copy(self.acc, model, self.cfg, self.image_dim)
+        solo = self._solo(model, "export")
         if solo is not None:
             self._export(solo, folder, state, score)
-        dist.wait_for_main(f"the export to {folder}")
+        self._done(f"the export to {folder}")
 
     def _export(self, solo: Any, folder: Path, state: TrainState, score: float | None) -> None:
         info = {"step": state.step, "dev_task": self.cfg.eval.dev_task, "dev_spearman": score,
                 "eval_pooler": self.cfg.eval.pooler}
         export_model(solo, self.tok, folder, info)
+
     def final(self, state: TrainState, total_steps: int) -> dict[str, Any]:
         """Evaluate the best model on the final tasks; write and log results."""
-        summary: dict[str, Any] = {"state": asdict(state), "history": self.history, "table": ""}
+        summary: dict[str, Any] = {"state": asdict(state), "history": state.history, "table": ""}
         if not self.acc.is_main_process:
+            self.watchdog.waiting(True)
             return summary
         task = self.cfg.eval.dev_task
         lines = [f"| {task} (Spearman x100) | step | value |", "| --- | ---: | ---: |"]
@@ -304,4 +485,10 @@ class _Evaluator:
         (self.run_dir / "results.md").write_text(table, encoding="utf-8")
         self.tracker.log_artifact(self.run_dir / "results.json")
         self.tracker.log_artifact(self.run_dir / "results.md")
+        for png in write_plots(self.run_dir, state, summary.get("final")):
+            self.tracker.log_artifact(png, "plots")
+        model_dir = best_dir if best_dir.is_dir() else self.run_dir / "final"
+        if self.cfg.tracking.log_model and model_dir.is_dir():
+            self.tracker.log_model(model_dir, self.cfg.eval.pooler)
         return summary
+

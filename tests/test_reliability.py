@@ -1,0 +1,161 @@
+"""Reliability drills: kill-and-resume (bit-identical), non-finite steps, stalled ranks, slow
+evaluations. Jobs run through tests/harness.py (one process per rank, the real entry point)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from .conftest import ROOT, SAMPLE, make_tiny_bert
+
+pytestmark = pytest.mark.slow
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_rel"), hidden=16)
+
+
+@pytest.fixture(scope="module")
+def base_config(tmp_path_factory: pytest.TempPathFactory, tiny: Path, sample_datasets: dict[str, Path]) -> Path:
+    cfg = {
+        "data": {"sources": [{"name": "wiki", "kind": "text", "path": str(sample_datasets["text"])},
+                             {"name": "coco", "kind": "pairs", "path": str(sample_datasets["pairs"])}],
+                 "schedule": "mcse", "caption_every": 3, "batch_size": 8, "num_workers": 2, "max_len": 24,
+                 "shuffle_shards": 2},
+        "model": {"name_or_path": str(tiny), "pooler": "mean", "proj_dim": 16},
+        "optim": {"lr": 5e-4, "warmup_steps": 3},
+        "train": {"max_steps": STEPS, "log_every": 5, "checkpoint_every": 5, "keep_checkpoints": 2,
+                  "deterministic": True, "record_keys": True, "seed": 11},
+        "eval": {"sts_dir": str(SAMPLE / "senteval"), "every_steps": 0, "at_start": False, "pooler": "mean",
+                 "final_tasks": ["stsb_dev"]},
+        "tracking": {"backend": "none"},
+    }
+    path = tmp_path_factory.mktemp("rel_cfg") / "base.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_jobs(tmp: Path, jobs: list[dict]) -> list[dict]:
+    spec, out = tmp / "spec.json", tmp / "result.json"
+    spec.write_text(json.dumps({"jobs": jobs, "logs": str(tmp / "logs"), "timeout": 300}))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "harness.py"), str(spec), str(out)],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def job(name: str, config: Path, runs: Path, run_name: str, world: int, faults=(), extra=()) -> dict:
+    args = ["--config", str(config), f"train.output_dir={runs}", f"train.run_name={run_name}", *extra]
+    return {"name": name, "args": args, "world": world, "faults": list(faults)}
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    out = dict(load_file(str(run_dir / "final" / "model.safetensors")))
+    out.update({f"head.{k}": v for k, v in torch.load(run_dir / "final" / "mcse_heads.pt").items()})
+    return out
+
+
+def consumed_keys(run_dir: Path) -> collections.Counter:
+    """Keys per (rank, step), the last record winning: steps redone after a resume count once."""
+    last: dict[tuple[str, int], list[str]] = {}
+    for path in sorted((run_dir / "sample_keys").glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            last[(path.stem, rec["step"])] = rec["keys"]
+    assert {step for _, step in last} == set(range(1, STEPS + 1))
+    return collections.Counter(k for keys in last.values() for k in keys)
+
+
+def scenarios(world: int) -> list[tuple[str, list[dict]]]:
+    seeds = [random.Random(s).randint(2, STEPS - 2) for s in (1, 2)]
+    out = [(f"kill_step{k}", [{"kind": "kill_after_step", "rank": world - 1, "step": k}]) for k in seeds]
+    out.append(("kill_before_commit", [{"kind": "kill_before_commit", "rank": 0, "step": 15}]))
+    if world == 1:
+        out.append(("kill_in_rotation", [{"kind": "kill_in_rotation", "rank": 0, "step": 20}]))
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_killed_and_resumed_runs_end_bit_identical(tmp_path: Path, base_config: Path, world: int) -> None:
+    runs = tmp_path / "runs"
+    jobs = [job("uninterrupted", base_config, runs, "base", world)]
+    for name, faults in scenarios(world):
+        jobs.append(job(f"{name}-killed", base_config, runs, name, world, faults))
+        jobs.append(job(f"{name}-resumed", base_config, runs, name, world))
+    results = {r["name"]: r for r in run_jobs(tmp_path, jobs)}
+    assert results["uninterrupted"]["ok"], results["uninterrupted"]
+    base_w, base_keys = weights(runs / "base"), consumed_keys(runs / "base")
+    for name, _ in scenarios(world):
+        killed, resumed = results[f"{name}-killed"], results[f"{name}-resumed"]
+        assert not killed["ok"] and any(r["signal"] == signal.SIGKILL for r in killed["ranks"].values()), killed
+        assert resumed["ok"], (name, resumed)
+        run_dir = runs / name
+        log = (tmp_path / "logs" / f"{name}-resumed.rank0.log").read_text()
+        killed_at = next(f.get("step") for f in dict(scenarios(world))[name])
+        # Killed before the first checkpoint (every 5 steps): the run starts again from scratch.
+        assert ("resumed from" in log) == (killed_at >= 5), name
+        if name == "kill_before_commit":
+            assert "step_00000010" in log  # the half-written step 15 was ignored
+            assert not (run_dir / "checkpoints" / "step_00000015").exists() or \
+                (run_dir / "checkpoints" / "step_00000015" / "COMMITTED").exists()
+        got = weights(run_dir)
+        assert set(got) == set(base_w)
+        for key, value in base_w.items():
+            assert torch.equal(got[key], value), (name, key)
+        assert consumed_keys(run_dir) == base_keys, name  # same multiset: 0 missing, 0 duplicated
+        ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        assert len([c for c in ckpts if c.startswith("step_")]) <= 2 and not [c for c in ckpts if c.startswith(".")]
+
+
+def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path, base_config: Path) -> None:
+    runs = tmp_path / "runs"
+    results = run_jobs(tmp_path, [
+        job("skip", base_config, runs, "skip", 2, [{"kind": "nan_at_step", "rank": 1, "step": 7}],
+            ["train.checkpoint_every=0"]),
+        job("stop", base_config, runs, "stop", 2, [{"kind": "nan_at_step", "rank": 0, "step": 4}],
+            ["train.checkpoint_every=0", "train.nonfinite=stop"]),
+    ])
+    skip, stop = results
+    assert skip["ok"], skip
+    state = json.loads((runs / "skip" / "results.json").read_text())["state"]
+    assert state["skipped_steps"] == 1 and state["step"] == STEPS
+    assert not stop["ok"] and all(r["exit"] not in (0, None) or r["signal"] for r in stop["ranks"].values())
+    logs = "".join((tmp_path / "logs" / f"stop.rank{r}.log").read_text() for r in range(2))
+    assert "non-finite loss or gradient" in logs and "train.nonfinite=stop" in logs
+
+
+def test_a_stalled_rank_is_named_and_the_job_exits(tmp_path: Path, base_config: Path) -> None:
+    runs = tmp_path / "runs"
+    (result,) = run_jobs(tmp_path, [
+        job("stall", base_config, runs, "stall", 2, [{"kind": "stall_at_step", "rank": 1, "step": 5}],
+            ["train.checkpoint_every=0", "distributed.heartbeat_timeout_s=6", "distributed.timeout_s=600"]),
+    ])
+    assert not result["ok"]
+    assert result["first_failure_s"] < 120  # seconds, not the 600 s collective timeout
+    logs = "".join((tmp_path / "logs" / f"stall.rank{r}.log").read_text() for r in range(2))
+    assert "rank 1 has made no progress" in logs
+
+
+def test_rank0_evaluation_longer_than_the_collective_timeout(tmp_path: Path, base_config: Path) -> None:
+    """Each evaluation takes ~8 s (23 batches x 0.35 s) against a 5 s collective timeout: the
+    other rank waits on the long-wait group and the heartbeat sees rank 0 progress."""
+    runs = tmp_path / "runs"
+    (result,) = run_jobs(tmp_path, [
+        job("slow_eval", base_config, runs, "slow", 2, [{"kind": "slow_eval", "rank": 0, "seconds_per_batch": 0.35}],
+            ["train.max_steps=2", "train.checkpoint_every=0", "eval.every_steps=0", "distributed.timeout_s=5",
+             "distributed.heartbeat_timeout_s=8"]),
+    ])
+    assert result["ok"], result
+    assert json.loads((runs / "slow" / "results.json").read_text())["state"]["step"] == 2
