@@ -76,7 +76,8 @@ def test_train_20_steps_loss_drops_and_mlflow_has_the_run(tmp_path: Path, tiny_b
     dev = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/stsb_dev")}
     assert set(dev) == {0, 10, 20}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "results.json", "results.md"} <= artifacts
+    assert {"config.yaml", "results.json", "results.md", "plots", "model"} <= artifacts
+    assert {"plots/loss.png", "plots/dev.png", "plots/sts.png"} <= {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
 
     # The exported best model reloads and gives the dev score it was selected with.
     from transformers import AutoTokenizer
@@ -92,3 +93,53 @@ def test_train_20_steps_loss_drops_and_mlflow_has_the_run(tmp_path: Path, tiny_b
     enc = make_encoder(model, AutoTokenizer.from_pretrained(best), "mean", progress=False)
     score = evaluate_tasks(enc, SAMPLE / "senteval", ["stsb_dev"])["stsb_dev"]["spearman"]
     assert score == pytest.approx(info["dev_spearman"], abs=1e-6)
+
+    # The logged MLflow model (pyfunc flavour) loads and embeds sentences like the evaluator.
+    import mlflow.pyfunc
+    import numpy as np
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        loaded = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    finally:
+        mlflow.set_tracking_uri("")
+    sentences = ["a man is playing a guitar .", "two dogs run on the beach ."]
+    np.testing.assert_allclose(loaded.predict(sentences), enc(sentences), rtol=1e-5, atol=1e-6)
+
+    # A bare `mlflow ui` started in the working folder serves the run (REST search lists it).
+    ui_lists_run(tmp_path, run.info.run_id, exp.experiment_id)
+
+
+def ui_lists_run(folder: Path, run_id: str, experiment_id: str) -> None:
+    import json as _json
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen([str(mlflow_bin), "ui", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        body = _json.dumps({"experiment_ids": [experiment_id]}).encode()
+        deadline = time.time() + 90
+        while True:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    runs = _json.loads(resp.read())["runs"]
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow ui did not answer"
+                time.sleep(1)
+        assert [r["info"]["run_id"] for r in runs] == [run_id]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
