@@ -35,7 +35,8 @@ def test_train_20_steps_loss_drops_and_mlflow_has_the_run(tmp_path: Path, tiny_b
         "optim": {"lr": 5e-4, "schedule": "constant"},
         "train": {"max_steps": 20, "log_every": 1, "seed": 3, "run_name": "e2e"},
         "eval": {"sts_dir": str(SAMPLE / "senteval"), "every_steps": 10, "pooler": "mean",
-                 "final_tasks": ["stsb_dev", "stsb_test"]},
+                 "final_tasks": ["stsb_dev", "stsb_test"], "retrieval_path": str(sample_datasets["pairs"]),
+                 "retrieval_max_images": 50},
         "tracking": {"experiment": "e2e-test"},
     }
     config = tmp_path / "e2e.yaml"
@@ -56,6 +57,9 @@ def test_train_20_steps_loss_drops_and_mlflow_has_the_run(tmp_path: Path, tiny_b
     assert saved["eval"]["batch_size"] == 256  # the CLI override is in the resolved config
     results = json.loads((run_dir / "results.json").read_text())
     assert results["state"]["step"] == 20 and results["state"]["caption_steps"] == 5
+    assert results["retrieval"]["images"] == 50 and "i2t_R@10" in results["retrieval"]
+    assert results["alignment_uniformity"]["uniformity"] < 0
+    assert (run_dir / "best" / "modules.json").is_file()  # also a sentence-transformers model
 
     # MLflow: the default store of the working folder, read back through the client.
     from mlflow.tracking import MlflowClient
@@ -73,6 +77,8 @@ def test_train_20_steps_loss_drops_and_mlflow_has_the_run(tmp_path: Path, tiny_b
     assert len(losses) == 20
     assert sum(losses[-5:]) / 5 < 0.5 * (sum(losses[:5]) / 5), losses
     assert len(client.get_metric_history(run.info.run_id, "train/loss_mm")) == 5
+    assert client.get_metric_history(run.info.run_id, "final/retrieval_t2i_R_at_5")
+    assert client.get_metric_history(run.info.run_id, "final/uniformity")
     dev = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/stsb_dev")}
     assert set(dev) == {0, 10, 20}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

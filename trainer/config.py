@@ -196,6 +196,12 @@ class EvalConfig:
     """Sentence vector used for evaluation (MCSE/SimCSE: raw [CLS] = cls_before_pooler)."""
     batch_size: int = 128
     """Sentences per encoding batch."""
+    align_uniform: bool = True
+    """At the end, alignment and uniformity (Wang & Isola) of the best model on STS-B dev."""
+    retrieval_path: str = ""
+    """Held-out pairs dataset for image<->text retrieval (R@1/5/10) at the end; empty skips it."""
+    retrieval_max_images: int = 5000
+    """Images used for retrieval (the first N of the dataset)."""
     max_len: int = 0
     """Token limit at evaluation; 0 truncates only at the model's position limit, as
     SentEval's batcher does (STS sentences can be far longer than training's max_len)."""

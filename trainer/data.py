@@ -240,6 +240,23 @@ class SkipCounter:
         return True
 
 
+def read_tar(url: str, members: tuple[str, ...], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard with only the wanted members read; bad ones are counted."""
+    wanted = set(members)
+
+    def select(name: str) -> bool:
+        return "." in name and name.split(".", 1)[-1].lower() in wanted
+
+    try:
+        stream = _open_stream(url)
+    except Exception as exn:
+        counter(exn)
+        return
+    with stream:
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=counter, select_files=select)
+        yield from group_by_keys(files, handler=counter)
+
+
 def _seed(*parts: Any) -> int:
     return zlib.crc32(":".join(map(str, parts)).encode())
 
@@ -349,31 +366,17 @@ class SourceStream(IterableDataset):
 
     def _window_samples(self, shard_ids: list[int], plan: EpochPlan, slot: int, n_slots: int,
                         counter: SkipCounter, epoch: int) -> list[dict[str, Any]]:
-        """Every usable sample of a window, in tar order, then shuffled (same result every time)."""
+        """Every usable sample of a window, in tar order (the caller shuffles)."""
         out: list[dict[str, Any]] = []
-        wanted = set(self.members)
-
-        def select(name: str) -> bool:
-            return name.split(".", 1)[-1].lower() in wanted if "." in name else False
-
         for sid in shard_ids:
-            url = self.source.shards[sid]
-            try:
-                stream = _open_stream(url)
-            except Exception as exn:
-                counter(exn)
-                continue
-            with stream:
-                files = tar_file_expander([{"url": url, "stream": stream}], handler=counter,
-                                          select_files=select)
-                base = plan.bases.get(sid, 0)
-                for idx, raw in enumerate(group_by_keys(files, handler=counter)):
-                    if plan.by_sample and (base + idx) % n_slots != slot:
-                        continue
-                    try:
-                        out.append(self._decode(raw, epoch))
-                    except Exception as exn:
-                        counter(exn)
+            base = plan.bases.get(sid, 0)
+            for idx, raw in enumerate(read_tar(self.source.shards[sid], self.members, counter)):
+                if plan.by_sample and (base + idx) % n_slots != slot:
+                    continue
+                try:
+                    out.append(self._decode(raw, epoch))
+                except Exception as exn:
+                    counter(exn)
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -11,6 +11,7 @@ are comparable with the SimCSE/MCSE papers. Standalone use:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -155,6 +156,106 @@ def evaluate_tasks(encode: Encoder, sts_dir: str | Path,
     return results
 
 
+def alignment_uniformity(encode: Encoder, sts_dir: str | Path, task: str = "stsb_dev",
+                         threshold: float = 4.0) -> dict[str, float]:
+    """Wang & Isola's alignment (mean squared distance of positive pairs: STS pairs with gold
+    >= threshold) and uniformity (log mean Gaussian potential over all sentence pairs), on
+    L2-normalised embeddings; lower is better for both."""
+    (sub,) = load_task(sts_dir, task)
+    unique = sorted(set(sub.s1) | set(sub.s2))
+    index = {s: i for i, s in enumerate(unique)}
+    vecs = encode(unique).astype(np.float64)
+    vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    pos = sub.gold >= threshold
+    a = vecs[[index[s] for s, p in zip(sub.s1, pos, strict=True) if p]]
+    b = vecs[[index[s] for s, p in zip(sub.s2, pos, strict=True) if p]]
+    alignment = float(((a - b) ** 2).sum(1).mean())
+    sq = np.clip(2.0 - 2.0 * (vecs @ vecs.T), 0.0, None)  # squared distances of unit vectors
+    iu = np.triu_indices(len(vecs), k=1)
+    uniformity = float(np.log(np.mean(np.exp(-2.0 * sq[iu]))))
+    return {"alignment": alignment, "uniformity": uniformity, "positive_pairs": int(pos.sum()),
+            "sentences": len(unique)}
+
+
+def retrieval(model: Any, tokenizer: Any, source_path: str, *, batch_size: int = 128, device: Any = "cpu",
+              max_images: int = 5000, max_len: int = 77, image_transform: Any = None) -> dict[str, float]:
+    """Image <-> text retrieval through the grounding heads on a held-out pairs dataset:
+    R@1/5/10 for text -> image (each caption finds its image) and image -> text (any of the
+    image's captions counts). Images come from `KEY.emb.npy` or, with an image tower, pixels."""
+    import torch
+
+    from trainer.config import SourceConfig
+    from trainer.data import SkipCounter, open_source, read_tar, safe_image
+
+    source = open_source(SourceConfig(path=source_path, kind="pairs", name="retrieval"), 0)
+    members = ("txt", "json", "jpg", "jpeg", "png", "webp") if image_transform else ("txt", "json", "emb.npy")
+    captions: list[str] = []
+    owner: list[int] = []
+    images: list[Any] = []
+    skipped = SkipCounter("retrieval")
+    for url in source.shards:
+        for raw in read_tar(url, members, skipped):
+            if len(images) >= max_images:
+                break
+            try:
+                meta = json.loads(raw["json"]) if "json" in raw else {}
+                caps = [c for c in meta.get("captions", []) if isinstance(c, str) and c] or \
+                    ([raw["txt"].decode("utf-8")] if "txt" in raw else [])
+                if image_transform is not None:
+                    ext = next(e for e in ("jpg", "jpeg", "png", "webp") if e in raw)
+                    item = image_transform(safe_image(raw[ext]))
+                else:
+                    item = torch.from_numpy(np.load(io.BytesIO(raw["emb.npy"]), allow_pickle=False).astype(np.float32))
+            except Exception as exn:
+                skipped(exn)
+                continue
+            if not caps:
+                skipped(ValueError(f"{raw['__key__']}: no caption"))
+                continue
+            images.append(item)
+            captions += caps
+            owner += [len(images) - 1] * len(caps)
+    if not images:
+        raise EvalDataError(f"{source_path}: no usable image-caption pairs for retrieval")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            text_vecs = []
+            for i in range(0, len(captions), batch_size):
+                toks = tokenizer(captions[i:i + batch_size], padding=True, truncation=True, max_length=max_len,
+                                 return_tensors="pt")
+                text_vecs.append(model.grounding_text({k: v.to(device) for k, v in toks.items()}).float().cpu())
+            image_vecs = []
+            for i in range(0, len(images), batch_size):
+                chunk = torch.stack(images[i:i + batch_size]).to(device)
+                out = model.grounding_image(pixels=chunk) if image_transform else model.grounding_image(chunk)
+                image_vecs.append(out.float().cpu())
+    finally:
+        model.train(was_training)
+    sims = (torch.cat(text_vecs) @ torch.cat(image_vecs).T).numpy()  # captions x images
+    return {"images": len(images), "captions": len(captions), "skipped": skipped.count,
+            **recall_at_k(sims, np.asarray(owner))}
+
+
+def recall_at_k(sims_TI: np.ndarray, owner_T: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """R@k (x100) both ways from caption x image similarities; ``owner_T[t]`` is caption t's image.
+    Text -> image ranks the true image among all images (ties count against it); image -> text
+    takes the best-ranked of the image's own captions."""
+    true = sims_TI[np.arange(len(owner_T)), owner_T]
+    t2i_rank = (sims_TI > true[:, None]).sum(1)
+    i2t_rank = np.empty(sims_TI.shape[1], dtype=np.int64)
+    for j in range(sims_TI.shape[1]):
+        col = sims_TI[:, j]
+        best_own = col[owner_T == j].max()
+        i2t_rank[j] = int((col > best_own).sum())
+    out = {}
+    for k in ks:
+        out[f"t2i_R@{k}"] = float((t2i_rank < k).mean() * 100)
+        out[f"i2t_R@{k}"] = float((i2t_rank < k).mean() * 100)
+    return out
+
+
 def make_encoder(model: Any, tokenizer: Any, pooler: str, *, batch_size: int = 128,
                  max_len: int = 0, device: Any = "cpu", progress: bool = True,
                  desc: str = "encode", on_batch: Callable[[], None] | None = None) -> Encoder:
@@ -230,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sts-dir", default="data/senteval")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--align-uniform", action="store_true", help="also alignment/uniformity on STS-B dev")
+    p.add_argument("--retrieval", metavar="PAIRS_DIR", help="also image<->text retrieval on a pairs dataset")
     p.add_argument("--out", help="write results json (and .md beside it) here")
     args = p.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -246,8 +349,19 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = _load_for_eval(args.model)
     model.to(args.device)
     enc = make_encoder(model, tok, args.pooler, batch_size=args.batch_size, device=args.device)
-    results = evaluate_tasks(enc, args.sts_dir, tasks)
+    results: dict[str, Any] = evaluate_tasks(enc, args.sts_dir, tasks)
     table = results_markdown(results, f"{args.model} ({args.pooler})")
+    extra: dict[str, float] = {}
+    if args.align_uniform:
+        au = alignment_uniformity(enc, args.sts_dir)
+        results["alignment_uniformity"] = au
+        extra.update(alignment=au["alignment"], uniformity=au["uniformity"])
+    if args.retrieval:
+        rt = retrieval(model, tok, args.retrieval, batch_size=args.batch_size, device=args.device)
+        results["retrieval"] = rt
+        extra.update({k: v for k, v in rt.items() if "@" in k})
+    if extra:
+        table += "\n| metric | value |\n| --- | ---: |\n" + "".join(f"| {k} | {v:.3f} |\n" for k, v in extra.items())
     print(table)
     if args.out:
         out = Path(args.out)

@@ -179,6 +179,56 @@ class MCSEModel(nn.Module):
                 "image_tower": self.image_tower_spec, "train_image_tower": self.train_image_tower,
                 **(extra or {})}
         (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        pooler = (extra or {}).get("eval_pooler")
+        if pooler:
+            self.write_sentence_transformers(folder, pooler)
+
+    def write_sentence_transformers(self, folder: Path, pooler: str) -> bool:
+        """Add the sentence-transformers layout (modules.json, pooling, optional MLP as Dense)
+        so that ``SentenceTransformer(folder)`` encodes exactly like our evaluator with
+        ``pooler``. The encoder files at the folder root are shared by both loaders."""
+        from safetensors.torch import save_file
+
+        if pooler not in ("cls_before_pooler", "cls", "mean"):
+            log.warning("pooler %s has no sentence-transformers equivalent; %s is not a sentence-transformers "
+                        "model (use webmcse's loader)", pooler, folder)
+            return False
+        hidden = int(self.encoder.config.hidden_size)
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        (folder / "1_Pooling").mkdir(exist_ok=True)
+        pooling = {"word_embedding_dimension": hidden, "pooling_mode_cls_token": pooler != "mean",
+                   "pooling_mode_mean_tokens": pooler == "mean", "pooling_mode_max_tokens": False,
+                   "pooling_mode_mean_sqrt_len_tokens": False}
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=1) + "\n", encoding="utf-8")
+        if pooler == "cls" and self.mlp is not None:  # SimCSE's "cls": [CLS] through the MLP head
+            modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+            (folder / "2_Dense").mkdir(exist_ok=True)
+            dense = {"in_features": hidden, "out_features": hidden, "bias": True,
+                     "activation_function": "torch.nn.modules.activation.Tanh"}
+            (folder / "2_Dense" / "config.json").write_text(json.dumps(dense, indent=1) + "\n", encoding="utf-8")
+            save_file({"linear.weight": self.mlp.dense.weight.detach().cpu().contiguous(),
+                       "linear.bias": self.mlp.dense.bias.detach().cpu().contiguous()},
+                      str(folder / "2_Dense" / "model.safetensors"))
+        (folder / "modules.json").write_text(json.dumps(modules, indent=1) + "\n", encoding="utf-8")
+        limit = int(getattr(self.encoder.config, "max_position_embeddings", 512))
+        (folder / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": min(limit, 512), "do_lower_case": False}) + "\n", encoding="utf-8")
+        return True
+
+    def grounding_text(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sentences in the shared text-image space (eval mode: no dropout)."""
+        out = self._encode(batch)
+        return F.normalize(self.text_head(self.pool(out.last_hidden_state, batch["attention_mask"])), dim=-1)
+
+    def grounding_image(self, image_emb: torch.Tensor | None = None,
+                        pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in the shared space, from precomputed features or pixels through the tower."""
+        if image_emb is None:
+            assert pixels is not None
+            image_emb = self.image_features(pixels)
+        assert self.image_head is not None, "the model has no image head"
+        return F.normalize(self.image_head(image_emb.to(self.image_head.dense.weight.dtype)), dim=-1)
 
     @classmethod
     def load(cls, folder: str | Path) -> MCSEModel:

@@ -53,6 +53,27 @@ class NullTracker:
 
     def log_model(self, model_dir: str | Path, pooler: str) -> None: ...
 
+    def _coalesce(self) -> None:
+        """Merge queued metric points into the head operation (one request for up to 1000
+        values instead of one per log point), keeping the order of everything else."""
+        kind, payload = self._pending[0]
+        if kind != "metrics" or "batch" in payload or len(self._pending) > 1:
+            return
+        points = [payload]
+        count = len(payload["values"])
+        while count < _METRIC_BATCH:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt[0] != "metrics" or count + len(nxt[1]["values"]) > _METRIC_BATCH:
+                self._pending.append(nxt)
+                break
+            points.append(nxt[1])
+            count += len(nxt[1]["values"])
+        if len(points) > 1:
+            self._pending[0] = ("metrics", {"batch": points})
+
     def flush(self, timeout: float | None = None) -> bool:
         return True
 
@@ -182,7 +203,8 @@ class MLflowTracker(NullTracker):
         elif kind == "tags":
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in payload.items()])
         elif kind == "metrics":
-            items = [Metric(k, v, payload["ts"], payload["step"]) for k, v in payload["values"].items()]
+            points = payload.get("batch", [payload])
+            items = [Metric(k, v, pt["ts"], pt["step"]) for pt in points for k, v in pt["values"].items()]
             for i in range(0, len(items), _METRIC_BATCH):
                 self.client.log_batch(self.run_id, metrics=items[i:i + _METRIC_BATCH])
         elif kind == "artifact":
@@ -220,6 +242,7 @@ class MLflowTracker(NullTracker):
                         if self._closed:
                             return
                         continue
+                self._coalesce()
                 kind, payload = self._pending[0]
             try:
                 self._send(kind, payload)
@@ -238,6 +261,27 @@ class MLflowTracker(NullTracker):
                             time.monotonic() - self._outage_since)
                 self._outage_since = None
             backoff = 1.0
+
+    def _coalesce(self) -> None:
+        """Merge queued metric points into the head operation (one request for up to 1000
+        values instead of one per log point), keeping the order of everything else."""
+        kind, payload = self._pending[0]
+        if kind != "metrics" or "batch" in payload or len(self._pending) > 1:
+            return
+        points = [payload]
+        count = len(payload["values"])
+        while count < _METRIC_BATCH:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt[0] != "metrics" or count + len(nxt[1]["values"]) > _METRIC_BATCH:
+                self._pending.append(nxt)
+                break
+            points.append(nxt[1])
+            count += len(nxt[1]["values"])
+        if len(points) > 1:
+            self._pending[0] = ("metrics", {"batch": points})
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait (bounded) until everything queued so far was sent."""

@@ -44,7 +44,14 @@ from trainer.engine import (
     unsharded_construction,
     zero_stage,
 )
-from trainer.evaluate import evaluate_tasks, load_task, make_encoder, results_markdown
+from trainer.evaluate import (
+    alignment_uniformity,
+    evaluate_tasks,
+    load_task,
+    make_encoder,
+    results_markdown,
+    retrieval,
+)
 from trainer.model import MCSEModel, resolve_name
 from trainer.step import train_step
 from trainer.tracking import make_tracker, run_tags, write_plots
@@ -166,6 +173,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
     run_name = dist.broadcast_object(cfg.train.run_name or default_run_name(cfg, world))
     run_dir = Path(cfg.train.output_dir) / run_name
     ckpt_choice: Any = None
+    t_verify = time.perf_counter()
     if is_main:
         try:
             ckpt_choice = _choose_checkpoint(cfg, run_dir)
@@ -176,6 +184,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
     if isinstance(ckpt_choice, str) and ckpt_choice.startswith("!"):
         raise CheckpointError(ckpt_choice[1:])
     ckpt = Path(ckpt_choice) if ckpt_choice else None
+    t_verify = time.perf_counter() - t_verify
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_config(cfg, run_dir, resumed=ckpt is not None)
@@ -196,7 +205,8 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
         saved, data_state, rng_state = load_checkpoint(ckpt, accelerator, model, optimizer, scheduler)
         state = TrainState(**{k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__})
         state.resumed_from.append(state.step)
-        log.info("resumed from %s (step %d) in %.1f s", ckpt, state.step, time.perf_counter() - t0)
+        log.info("resumed from %s (step %d): verified in %.2f s, loaded in %.2f s", ckpt, state.step, t_verify,
+                 time.perf_counter() - t0)
 
     tracker = make_tracker(cfg.tracking, run_name, is_main, run_dir=run_dir, run_id=state.mlflow_run_id)
     state.mlflow_run_id = tracker.run_id
@@ -377,6 +387,10 @@ def _write_config(cfg: Config, run_dir: Path, resumed: bool) -> None:
         log.warning("resuming with a config that differs from %s; this invocation's is %s", path, other)
 
 
+def _metric_key(name: str) -> str:
+    return name.split(" (")[0].replace(" ", "_").replace("@", "_at_")
+
+
 def _temperature_metrics(accelerator: Any, model: Any) -> dict[str, float]:
     unwrapped = accelerator.unwrap_model(model)
     if unwrapped.log_inv_tau is None or zero_stage(accelerator) == 3:
@@ -454,6 +468,26 @@ class _Evaluator:
                 "eval_pooler": self.cfg.eval.pooler}
         export_model(solo, self.tok, folder, info)
 
+    def _extra_metrics(self, best: Any, summary: dict[str, Any], step: int) -> str:
+        """Alignment/uniformity and retrieval of the best model, as a markdown table."""
+        e = self.cfg.eval
+        rows = []
+        if e.align_uniform:
+            au = alignment_uniformity(self._encoder(best, "alignment/uniformity"), e.sts_dir)
+            summary["alignment_uniformity"] = au
+            rows += [("alignment (STS-B dev, gold >= 4; lower is better)", au["alignment"]),
+                     ("uniformity (STS-B dev; lower is better)", au["uniformity"])]
+        if e.retrieval_path and best.image_head is not None:
+            tower = load_image_tower(self.cfg)
+            rt = retrieval(best, self.tok, e.retrieval_path, batch_size=e.batch_size, device=self.acc.device,
+                           max_images=e.retrieval_max_images, image_transform=tower.preprocess if tower else None)
+            summary["retrieval"] = rt
+            rows += [(f"retrieval {k} ({rt['images']} images)", v) for k, v in rt.items() if "@" in k]
+        if not rows:
+            return ""
+        self.tracker.log_metrics({f"final/{_metric_key(name)}": v for name, v in rows}, step)
+        return "\n| metric | value |\n| --- | ---: |\n" + "".join(f"| {n} | {v:.3f} |\n" for n, v in rows)
+
     def final(self, state: TrainState, total_steps: int) -> dict[str, Any]:
         """Evaluate the best model on the final tasks; write and log results."""
         summary: dict[str, Any] = {"state": asdict(state), "history": state.history, "table": ""}
@@ -479,6 +513,7 @@ class _Evaluator:
             table += "\n" + results_markdown(res, f"best checkpoint (step {state.best_step}), "
                                                   f"pooler {self.cfg.eval.pooler}")
             self.tracker.log_metrics({f"final/{t}": r["spearman"] for t, r in res.items()}, total_steps)
+            table += self._extra_metrics(best, summary, total_steps)
         summary["table"] = table
         record = {k: v for k, v in summary.items() if k != "table"}
         (self.run_dir / "results.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
