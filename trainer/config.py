@@ -557,3 +557,44 @@ def validate(cfg: Config) -> None:
              f"must be >= 0, got {di.heartbeat_timeout_s}")
     _require(di.eval_wait_timeout_s > 0, "distributed.eval_wait_timeout_s",
              f"must be > 0, got {di.eval_wait_timeout_s}")
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if isinstance(node, list):
+            node = node[int(part)]
+        elif dataclasses.is_dataclass(node) and part in {f.name for f in dataclasses.fields(node)}:
+            node = getattr(node, part)
+        else:
+            raise ConfigError(f"{dotted}: unknown key")
+    return node
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer.config --config X.yaml [key=value ...] [--get KEY ...]`: validate a
+    config and print the resolved tree, or single values (used by launch scripts)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m trainer.config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--get", action="append", default=[], help="print this resolved value (repeatable)")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        values = [_get(cfg, key) for key in args.get]
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.get:
+        for value in values:
+            print(value)
+    else:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""A real Slurm cluster (Debian's slurm-wlm) in a temporary folder, loopback only.
+
+slurmctld and one slurmd per node run as the current (root) user with every state and log
+file in the folder; commands reach it through SLURM_CONF. Several nodes on one host use
+Slurm's multiple-slurmd mode (one slurmd per NodeName, each on its own port). Used by
+tests/test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+DAEMONS = ("slurmctld", "slurmd", "sbatch", "scontrol", "srun", "squeue")
+
+
+def available() -> str | None:
+    """None if a cluster can be started here, else the reason it cannot."""
+    missing = [d for d in DAEMONS if shutil.which(d) is None]
+    if missing:
+        return f"Slurm is not installed ({', '.join(missing)} missing; apt-get install slurmctld slurmd slurm-client)"
+    if os.geteuid() != 0:
+        return "starting slurmd needs root"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, folder: Path, nodes: int = 1, cpus: int | None = None) -> None:
+        self.folder = folder
+        self.host = socket.gethostname()
+        self.nodes = [f"node{i + 1}" for i in range(nodes)]
+        self.cpus = cpus or os.cpu_count() or 2
+        self.conf = folder / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def write_conf(self) -> None:
+        f = self.folder
+        (f / "state").mkdir(parents=True, exist_ok=True)
+        for node in self.nodes:
+            (f / "spool" / node).mkdir(parents=True, exist_ok=True)
+        nodes = "\n".join(f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={_free_port()} "
+                          f"CPUs={self.cpus} RealMemory=8000 State=UNKNOWN" for n in self.nodes)
+        self.conf.write_text(f"""ClusterName=webmcse-test
+SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldPort={_free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/none
+CredType=cred/none
+StateSaveLocation={f / 'state'}
+SlurmdSpoolDir={f / 'spool' / '%n'}
+SlurmctldPidFile={f / 'slurmctld.pid'}
+SlurmdPidFile={f / 'slurmd.%n.pid'}
+SlurmctldLogFile={f / 'slurmctld.log'}
+SlurmdLogFile={f / 'slurmd.%n.log'}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+JobRequeue=1
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+JobAcctGatherType=jobacct_gather/none
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
+KillWait=30
+{nodes}
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+""")
+
+    def start(self) -> None:
+        self.write_conf()
+        subprocess.run(["slurmctld", "-c", "-f", str(self.conf)], env=self.env, check=True)
+        for node in self.nodes:
+            subprocess.run(["slurmd", "-c", "-N", node, "-f", str(self.conf)], env=self.env, check=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True)
+            if state.stdout.split() == ["idle"] * len(self.nodes):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"Slurm node did not become idle: {state.stdout} {state.stderr}\n"
+                           f"{(self.folder / 'slurmctld.log').read_text()[-2000:]}")
+
+    def run(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), env={**self.env, **kw.pop("env", {})}, capture_output=True, text=True,
+                              check=check, **kw)
+
+    def job(self, job_id: str) -> dict[str, str]:
+        out = self.run("scontrol", "show", "job", "-o", job_id, check=False).stdout
+        return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+    def stop(self) -> None:
+        self.run("scontrol", "shutdown", check=False)
+        for pidfile in [*(f"slurmd.{n}.pid" for n in self.nodes), "slurmctld.pid"]:
+            p = self.folder / pidfile
+            if p.exists():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(p.read_text().strip()), 15)
+        time.sleep(1)
