@@ -331,7 +331,10 @@ def safe_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
+        try:
+            img = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ValueError(f"image refused before decoding: {exc}") from None
         w, h = img.size
         if w * h > max_pixels:
             raise ValueError(f"image of {w}x{h} pixels exceeds the {max_pixels} pixel limit")
