@@ -103,6 +103,7 @@ def test_train_20_steps_loss_drops_and_mlflow_has_the_run(tmp_path: Path, tiny_b
     # The logged MLflow model (pyfunc flavour) loads and embeds sentences like the evaluator.
     import mlflow.pyfunc
     import numpy as np
+    import pandas as pd
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
@@ -111,6 +112,8 @@ def test_train_20_steps_loss_drops_and_mlflow_has_the_run(tmp_path: Path, tiny_b
         mlflow.set_tracking_uri("")
     sentences = ["a man is playing a guitar .", "two dogs run on the beach ."]
     np.testing.assert_allclose(loaded.predict(sentences), enc(sentences), rtol=1e-5, atol=1e-6)
+    frame = pd.DataFrame({"sentence": sentences})  # what `mlflow models serve` passes
+    np.testing.assert_allclose(loaded.predict(frame), enc(sentences), rtol=1e-5, atol=1e-6)
 
     # A bare `mlflow ui` started in the working folder serves the run (REST search lists it).
     ui_lists_run(tmp_path, run.info.run_id, exp.experiment_id)

@@ -162,7 +162,8 @@ class TrainConfig:
     save_final: bool = True
     """Also export the final model to run_dir/final."""
     checkpoint_every: int = 0
-    """Write a resumable checkpoint every N steps (0 = only when asked to stop)."""
+    """Write a resumable checkpoint every N steps and at the last step (0 = only when asked
+    to stop)."""
     keep_checkpoints: int = 2
     """Committed checkpoints to keep; older ones are deleted after a new one commits."""
     resume: str = "auto"

@@ -25,7 +25,9 @@ class SentenceEncoderModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.pooler = (context.model_config or {}).get("pooler", "cls_before_pooler")
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    # The list[str] hint is MLflow's input schema: it validates inputs and converts a one-column
+    # DataFrame (what its serving layer passes) into the list of sentences.
+    def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> np.ndarray:
         from trainer.evaluate import make_encoder
 
         if hasattr(model_input, "iloc"):  # a DataFrame: its first column holds the sentences

@@ -352,6 +352,11 @@ def run_tags(world_size: int, manifests: dict[str, str]) -> dict[str, str]:
         "webmcse.hardware": (torch.cuda.get_device_name(0) if torch.cuda.is_available()
                              else f"cpu x{os.cpu_count()}"),
     }
+    # A Slurm job keeps its id across requeues: the tag finds the run from `squeue` output.
+    for var, tag in (("SLURM_JOB_ID", "slurm.job_id"), ("SLURM_JOB_NODELIST", "slurm.nodes"),
+                     ("SLURM_CLUSTER_NAME", "slurm.cluster")):
+        if os.environ.get(var):
+            tags[tag] = os.environ[var]
     for name, sha in manifests.items():
         tags[f"webmcse.data.{name}.manifest_sha256"] = sha
     try:

@@ -300,8 +300,10 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
 
             if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < total_steps:
                 evaluator.dev(model, state, state.step)
-            if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0 \
-                    and state.step < total_steps:
+            # The last step is checkpointed too: the finished run can be exported from it with
+            # its optimizer state, or continued with a larger train.max_steps.
+            if cfg.train.checkpoint_every and (state.step % cfg.train.checkpoint_every == 0
+                                               or state.step == total_steps):
                 checkpoint()
             if state.step < total_steps and stop.agreed(state.step, accelerator.device):
                 log.warning("stop requested (%s): checkpointing at step %d and exiting", stop.reason, state.step)
