@@ -123,14 +123,18 @@ def main() -> None:
     table += "".join(f"| {name} | {t:.3f} | {t / base:.2f}x | {args.batch * world / t:.1f} |\n"
                      for name, t in rows)
     total = sum(split.values())
+    split_share = split.get("loss + all-gathers (fwd + bwd)", 0.0) / max(total, 1e-12)
+    fastest = min(rows, key=lambda r: r[1])
     table2 = "| DDP step part | median (s) | share |\n| --- | ---: | ---: |\n"
     table2 += "".join(f"| {k} | {v:.3f} | {v / total:.1%} |\n" for k, v in split.items())
     body = (f"Model `{args.model}`, {args.batch} sentences per rank x 32 tokens (caption batches, "
             f"1280-d image features), world size {world} on CPU with gloo, the trainer's `train_step`; "
             f"median of {args.steps} steps, barrier-to-barrier.\n\n{table}\n{table2}\n"
-            f"The gathers move {world * args.batch} x (384 + 2 x 256 + 256) floats per step; on CPU the "
-            f"step is dominated by the encoder, and ZeRO's extra partitioning traffic costs more than it "
-            f"saves at this model size.")
+            f"The gathers move {world * args.batch} x (384 + 2 x 256 + 256) floats per step and take "
+            f"{split_share:.1%} of a DDP step; the encoder's forward and backward dominate. "
+            f"Fastest engine here: {fastest[0]} ({fastest[1]:.3f} s, {base / fastest[1]:.2f}x DDP's speed). "
+            f"On CPU with gloo these ratios reflect gloo's all-reduce versus reduce-scatter costs, not "
+            f"NCCL's; GPU figures belong in their own section.")
     print(body)
     if not args.no_write:
         write_section("distributed", "Engines at world size 2 and the cost of gathered negatives (CPU)", body,

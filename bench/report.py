@@ -18,6 +18,10 @@ HEADER = """# Benchmarks
 
 Every figure below was measured by a script in `bench/`, which rewrote its own section here
 with the machine and the exact command. Re-run a script to refresh its section.
+
+All figures so far are from CPU machines: no GPU was available where they were measured, so
+NCCL, bf16, ZeRO-3 memory and samples/s/GPU figures are not here yet; docs/SCALING.md holds the
+computed memory and traffic per GPU. The GPU benchmarks write their own sections when run on one.
 """
 
 
@@ -58,7 +62,7 @@ def write_section(name: str, title: str, body: str, command: str) -> None:
     stamp = _dt.date.today().isoformat()
     section = (f"<!-- bench:{name} -->\n## {title}\n\n{body.strip()}\n\n"
                f"Measured {stamp} at commit {git_rev()} on {machine()}.\n"
-               f"Command: `{command}`\n<!-- /bench:{name} -->")
+               f"Command: `{command.strip()}`\n<!-- /bench:{name} -->")
     pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
     found = pattern.search(text)
     text = pattern.sub(lambda _: section, text) if found else text.rstrip() + "\n\n" + section + "\n"
