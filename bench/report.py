@@ -21,7 +21,7 @@ with the machine and the exact command. Re-run a script to refresh its section.
 
 All figures so far are from CPU machines: no GPU was available where they were measured, so
 NCCL, bf16, ZeRO-3 memory and samples/s/GPU figures are not here yet; docs/SCALING.md holds the
-computed memory and traffic per GPU. The GPU benchmarks write their own sections when run on one.
+computed memory and traffic per GPU instead.
 """
 
 
