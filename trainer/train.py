@@ -34,7 +34,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import Config, flatten, save_config, to_dict
 from trainer.control import PREEMPTED_FILE, STOP_FILE, StopRequest, Watchdog
-from trainer.data import BatchStreams, DataError, Schedule, open_source
+from trainer.data import BatchStreams, DataError, Schedule, check_layouts, open_source
 from trainer.engine import (
     build_model,
     build_optimizer,
@@ -52,7 +52,7 @@ from trainer.evaluate import (
     results_markdown,
     retrieval,
 )
-from trainer.model import MCSEModel, resolve_name
+from trainer.model import MCSEModel, ModelLoadError, resolve_name
 from trainer.step import train_step
 from trainer.tracking import make_tracker, run_tags, write_plots
 
@@ -165,6 +165,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
     image_dim = _image_dim(cfg, sources, tower)
     global_batch = cfg.data.batch_size * world
     schedule = Schedule.build(sources, cfg.data, global_batch, cfg.train.seed)
+    check_layouts(sources, cfg.data, world, cfg.train.seed)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * schedule.steps_per_epoch))
     for task in {cfg.eval.dev_task, *cfg.eval.final_tasks}:
         load_task(cfg.eval.sts_dir, task)  # missing eval data fails now, not after hours
@@ -192,7 +193,12 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
             (run_dir / marker).unlink(missing_ok=True)
 
     # ---- model, optimizer, schedule
-    tokenizer = AutoTokenizer.from_pretrained(resolve_name(cfg.model.name_or_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_name(cfg.model.name_or_path))
+    except OSError as exc:  # a hub name that is not cached offline, a folder without a tokenizer
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"model.name_or_path={cfg.model.name_or_path}: cannot load its tokenizer "
+                             f"({first})") from None
     model = build_model(cfg, image_dim, tower=tower)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
