@@ -5,30 +5,64 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
-from data_tools.filters import FilterOptions
+from data_tools.dedup import NEAR_DUP_DEFAULT
+from data_tools.download import DownloadOptions
+from data_tools.filters import FilterOptions, ImageOptions
+from data_tools.sources import INPUT_FORMATS
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="webmcse-data", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
 
-    sp = sub.add_parser("shard-pairs", help="images + captions (tables or folders) -> pair shards")
-    sp.add_argument("inputs", nargs="+", help="jsonl/csv/tsv/parquet tables (.gz ok) or folders")
+    sp = sub.add_parser("shard-pairs", help="images + captions -> pair shards",
+                        description="Inputs: tables (jsonl/csv/tsv/parquet, .gz ok) with an image path or URL "
+                                    "column, folders of images with sidecar captions, img2dataset output "
+                                    "folders, COCO caption json files. See docs/DATA.md.")
+    sp.add_argument("inputs", nargs="+", help="tables, folders, img2dataset folders or COCO json files")
     sp.add_argument("--out", required=True, help="output dataset folder")
-    sp.add_argument("--image-col", help="column with the image path (default: auto)")
+    sp.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
+                    help="how to read every input (default: detect per input)")
+    sp.add_argument("--image-col", help="column with the image path or URL (default: auto)")
     sp.add_argument("--caption-col", help="column with the caption(s) (default: auto)")
     sp.add_argument("--key-col", help="column with a unique sample key (default: 'key' or row)")
+    sp.add_argument("--image-root", help="COCO json: folder holding the images (default: the json's folder)")
+    sp.add_argument("--strict", action="store_true",
+                    help="stop at the first malformed row (naming file and line) instead of counting it")
     sp.add_argument("--dedup", choices=["image", "pair", "none"], default="image",
                     help="exact dedup identity: image bytes, image+caption, or off")
+    sp.add_argument("--near-dup-distance", type=int, default=NEAR_DUP_DEFAULT,
+                    help="drop images whose 64-bit phash is within this Hamming distance of a kept one "
+                         "(--dedup image only; -1: off)")
     sp.add_argument("--min-side", type=int, default=FilterOptions.min_side)
     sp.add_argument("--max-aspect", type=float, default=FilterOptions.max_aspect)
     sp.add_argument("--max-pixels", type=int, default=FilterOptions.max_pixels)
     sp.add_argument("--min-caption-chars", type=int, default=FilterOptions.min_caption_chars)
     sp.add_argument("--min-caption-words", type=int, default=FilterOptions.min_caption_words)
     sp.add_argument("--max-caption-chars", type=int, default=FilterOptions.max_caption_chars)
+    sp.add_argument("--max-side", type=int, default=0, help="downscale larger images to this longer side (JPEG)")
+    sp.add_argument("--jpeg-quality", type=int, default=ImageOptions.jpeg_quality)
+    sp.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG")
+    dl = DownloadOptions()
+    sp.add_argument("--timeout", type=float, default=dl.timeout, help="seconds per download attempt")
+    sp.add_argument("--retries", type=int, default=dl.retries, help="retries of transient download failures")
+    sp.add_argument("--max-image-bytes", type=int, default=dl.max_bytes, help="download size cap")
+    sp.add_argument("--max-redirects", type=int, default=dl.max_redirects)
+    sp.add_argument("--download-threads", type=int, default=dl.threads, help="concurrent downloads")
+    sp.add_argument("--clip-model", help="score pairs with this open_clip model (or model-config .json)")
+    sp.add_argument("--clip-pretrained", help="open_clip pretrained tag (default: random init, tests only)")
+    grp = sp.add_mutually_exclusive_group()
+    grp.add_argument("--clip-threshold", type=float, help="drop pairs scoring below this cosine")
+    grp.add_argument("--clip-top-fraction", type=float, help="keep the best-scoring fraction of the dataset")
+    sp.add_argument("--clip-device", default="cpu")
+    sp.add_argument("--workers", type=int, default=1, help="processes (output is identical for any number)")
+    sp.add_argument("--chunk-size", type=int, default=64, help="records per work unit")
     sp.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
-    sp.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    mode = sp.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    mode.add_argument("--resume", action="store_true", help="continue a killed run after its last complete shard")
 
     st = sub.add_parser("shard-text", help="one sentence per line (.gz ok) -> text shards")
     st.add_argument("inputs", nargs="+")
@@ -44,7 +78,55 @@ def _parser() -> argparse.ArgumentParser:
                     help="efficientnet_lite0 | open_clip:MODEL[:PRETRAINED] | timm:NAME[:random]")
     se.add_argument("--batch-size", type=int, default=64)
     se.add_argument("--device", default="cpu")
+
+    sv = sub.add_parser("verify", help="check a dataset against its manifest (exit 1 naming bad shards)")
+    sv.add_argument("dataset")
+    sv.add_argument("--decode", action="store_true", help="also decode every member of every sample")
+
+    ss = sub.add_parser("stats", help="counts, drop reasons, caption and image size distributions")
+    ss.add_argument("dataset")
+    ss.add_argument("--plot", help="write histograms to this PNG")
+    ss.add_argument("--limit", type=int, help="scan at most this many samples")
+
+    sf = sub.add_parser("filter-clip", help="keep the best CLIP-scoring pairs of a dataset (rewrites shards)")
+    sf.add_argument("dataset")
+    g = sf.add_mutually_exclusive_group(required=True)
+    g.add_argument("--top-fraction", type=float)
+    g.add_argument("--threshold", type=float)
+    sf.add_argument("--clip-model", help="score samples that lack clip_score with this open_clip model")
+    sf.add_argument("--clip-pretrained")
+    sf.add_argument("--clip-device", default="cpu")
+
+    fe = sub.add_parser("fetch-eval-data", help="download the SentEval STS suite into DIR")
+    fe.add_argument("dir")
+    fe.add_argument("--url", help="archive URL or local path to use instead of the default source")
+    fe.add_argument("--timeout", type=float, default=60.0)
+    fe.add_argument("--force", action="store_true", help="replace data already in DIR")
     return p
+
+
+def _shard_pairs(args: argparse.Namespace) -> Any:
+    from data_tools import commands
+    from data_tools.clip_filter import ClipOptions
+
+    opts = FilterOptions(min_caption_chars=args.min_caption_chars, min_caption_words=args.min_caption_words,
+                         max_caption_chars=args.max_caption_chars, min_side=args.min_side,
+                         max_aspect=args.max_aspect, max_pixels=args.max_pixels)
+    images = ImageOptions(max_side=args.max_side, jpeg_quality=args.jpeg_quality, reencode=args.reencode)
+    download = DownloadOptions(timeout=args.timeout, retries=args.retries, max_bytes=args.max_image_bytes,
+                               max_redirects=args.max_redirects, threads=args.download_threads)
+    clip = None
+    if args.clip_model:
+        clip = ClipOptions(model=args.clip_model, pretrained=args.clip_pretrained, threshold=args.clip_threshold,
+                           top_fraction=args.clip_top_fraction, device=args.clip_device)
+    elif args.clip_threshold is not None or args.clip_top_fraction is not None:
+        raise ValueError("--clip-threshold/--clip-top-fraction need --clip-model")
+    return commands.shard_pairs(
+        args.inputs, args.out, image_col=args.image_col, caption_col=args.caption_col, key_col=args.key_col,
+        input_format=args.input_format, image_root=args.image_root, strict=args.strict, filters=opts,
+        dedup=args.dedup, near_dup_distance=args.near_dup_distance if args.near_dup_distance >= 0 else None,
+        images=images, download=download, clip=clip, workers=args.workers, chunk_size=args.chunk_size,
+        max_count=args.shard_size, overwrite=args.overwrite, resume=args.resume)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,22 +138,40 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.verb == "shard-pairs":
-            opts = FilterOptions(min_caption_chars=args.min_caption_chars,
-                                 min_caption_words=args.min_caption_words,
-                                 max_caption_chars=args.max_caption_chars, min_side=args.min_side,
-                                 max_aspect=args.max_aspect, max_pixels=args.max_pixels)
-            summary = commands.shard_pairs(args.inputs, args.out, image_col=args.image_col,
-                                           caption_col=args.caption_col, key_col=args.key_col,
-                                           filters=opts, dedup=args.dedup,
-                                           max_count=args.shard_size, overwrite=args.overwrite)
+            summary = _shard_pairs(args)
         elif args.verb == "shard-text":
             summary = commands.shard_text(args.inputs, args.out, min_chars=args.min_chars,
                                           dedup=args.dedup, max_count=args.shard_size,
                                           overwrite=args.overwrite)
-        else:
+        elif args.verb == "embed":
             summary = commands.embed(args.dataset, args.encoder, batch_size=args.batch_size,
                                      device=args.device)
-    except (InputError, DatasetError) as exc:
+        elif args.verb == "verify":
+            from data_tools.check import verify
+
+            report = verify(args.dataset, decode=args.decode)
+            print(report.render())
+            return 0 if report.ok else 1
+        elif args.verb == "stats":
+            from data_tools.check import stats
+
+            print(stats(args.dataset, plot=args.plot, limit=args.limit).render())
+            if args.plot:
+                print(f"plot written to {args.plot}")
+            return 0
+        elif args.verb == "filter-clip":
+            from data_tools.clip_filter import ClipOptions, filter_clip
+
+            clip = (ClipOptions(model=args.clip_model, pretrained=args.clip_pretrained, device=args.clip_device)
+                    if args.clip_model else None)
+            summary = filter_clip(args.dataset, top_fraction=args.top_fraction, threshold=args.threshold,
+                                  clip=clip)
+        else:
+            from data_tools.evaldata import fetch_eval_data
+
+            print(fetch_eval_data(args.dir, url=args.url, timeout=args.timeout, force=args.force).render())
+            return 0
+    except (InputError, DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary.render())

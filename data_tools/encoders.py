@@ -14,8 +14,11 @@ produced the features:
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,11 +38,23 @@ class ImageEncoder:
 
     @torch.inference_mode()
     def encode(self, images: list[Image.Image], device: str = "cpu") -> torch.Tensor:
-        x = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(device)
-        return self.model(x).float()
+        # Resize/crop/normalise in threads (Pillow and torch release the GIL): one thread
+        # could not keep a GPU busy. map() keeps the order, so features do not change.
+        x = torch.stack(list(_preprocess_pool().map(lambda im: self.preprocess(im.convert("RGB")), images)))
+        return self.model(x.to(device)).float()
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.spec, "dim": self.dim, "preprocess": self.preprocess_desc}
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _preprocess_pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="preprocess")
+    return _POOL
 
 
 @contextlib.contextmanager
@@ -127,6 +142,29 @@ def _open_clip(model_name: str, pretrained: str | None) -> ImageEncoder:
     desc = {"image_size": size, "mean": list(clip.visual.image_mean or ()),
             "std": list(clip.visual.image_std or ()), "transform": "open_clip eval"}
     return ImageEncoder(spec, _OpenClipImage(clip), preprocess, dim, desc)
+
+
+def load_open_clip(model_name: str, pretrained: str | None) -> tuple[torch.nn.Module, Callable, Callable]:
+    """(model in eval mode, eval preprocess, tokenizer) of an open_clip model.
+
+    ``model_name`` may also be a path to an open_clip model-config JSON: it is registered
+    under its file stem, which is how tests build a tiny random-init CLIP without any hub
+    access. Without ``pretrained`` the weights are random (seeded, so scores repeat).
+    """
+    import open_clip
+
+    path = Path(model_name)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ValueError(f"{path}: open_clip model config not found")
+        open_clip.add_model_config(path)
+        model_name = path.stem
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model_name!r} (see open_clip.list_models())")
+    with _seeded(pretrained is None):
+        clip, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+    clip.eval().requires_grad_(False)
+    return clip, preprocess, open_clip.get_tokenizer(model_name)
 
 
 def _timm(name: str, random_init: bool) -> ImageEncoder:

@@ -80,10 +80,17 @@ class ImageInfo:
 
 def check_image(data: bytes, opts: FilterOptions) -> tuple[ImageInfo | None, str | None]:
     """Header checks first, then (optionally) one full decode. Returns (info, drop reason)."""
+    info, reason, _ = inspect_image(data, opts)
+    return info, reason
+
+
+def inspect_image(data: bytes, opts: FilterOptions) -> tuple[ImageInfo | None, str | None, Image.Image | None]:
+    """Like :func:`check_image`, but also hands back the decoded image (when
+    ``verify_decode``) so hashing and resizing do not decode the bytes a second time."""
     if not data:
-        return None, "image_empty"
+        return None, "image_empty", None
     if looks_like_html(data):
-        return None, "image_is_html"
+        return None, "image_is_html", None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -91,20 +98,66 @@ def check_image(data: bytes, opts: FilterOptions) -> tuple[ImageInfo | None, str
             width, height = img.size
             fmt = (img.format or "").lower()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return None, "image_too_many_pixels"
+        return None, "image_too_many_pixels", None
     except Exception:
-        return None, "image_undecodable"
+        return None, "image_undecodable", None
     if width * height > opts.max_pixels:
-        return None, "image_too_many_pixels"
+        return None, "image_too_many_pixels", None
     if min(width, height) < opts.min_side:
-        return None, "image_too_small"
+        return None, "image_too_small", None
     if max(width, height) / max(1, min(width, height)) > opts.max_aspect:
-        return None, "image_bad_aspect"
+        return None, "image_bad_aspect", None
+    loaded = None
     if opts.verify_decode:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img.load()
+            loaded = img
         except Exception:
-            return None, "image_truncated"
-    return ImageInfo(format="jpg" if fmt in ("jpeg", "mpo") else fmt, width=width, height=height), None
+            return None, "image_truncated", None
+    info = ImageInfo(format="jpg" if fmt in ("jpeg", "mpo") else fmt, width=width, height=height)
+    return info, None, loaded
+
+
+# Formats the trainer decodes (trainer/data.py IMAGE_EXTS); anything else is re-encoded.
+STORED_FORMATS = ("jpg", "png", "webp")
+
+
+@dataclass
+class ImageOptions:
+    """Optional re-encoding of kept images (smaller shards, uniform format)."""
+
+    max_side: int = 0
+    """Downscale (keeping the aspect ratio) so the longer side is at most this; 0 = never."""
+    jpeg_quality: int = 90
+    reencode: bool = False
+    """Re-encode every image as JPEG (strips EXIF and odd codecs), not only resized ones."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def reencode_image(img: Image.Image, info: ImageInfo, opts: ImageOptions) -> tuple[bytes, ImageInfo] | None:
+    """JPEG bytes of ``img`` downscaled to ``max_side`` when needed; None to keep the original.
+
+    Re-encodes when the image is larger than max_side, when ``reencode`` is set, or when its
+    format is one the trainer cannot read (gif, bmp, tiff...). Alpha is composited on white,
+    as a browser would show it, before dropping to RGB for JPEG.
+    """
+    too_big = opts.max_side > 0 and max(info.width, info.height) > opts.max_side
+    if not (too_big or opts.reencode or info.format not in STORED_FORMATS):
+        return None
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+        rgb.paste(rgba, mask=rgba.split()[-1])
+    else:
+        rgb = img.convert("RGB")
+    if too_big:
+        scale = opts.max_side / max(info.width, info.height)
+        size = (max(1, round(info.width * scale)), max(1, round(info.height * scale)))
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=opts.jpeg_quality, optimize=False)
+    return buf.getvalue(), ImageInfo("jpg", rgb.width, rgb.height)

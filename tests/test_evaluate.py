@@ -72,7 +72,7 @@ def test_stsb_reads_tabs_quotes_and_extra_columns(fake_senteval: Path) -> None:
 
 
 def test_missing_data_says_where_and_how(tmp_path: Path) -> None:
-    with pytest.raises(EvalDataError, match=r"nowhere: STS data folder not found; download SentEval"):
+    with pytest.raises(EvalDataError, match=r"nowhere: STS data folder not found; get .* `webmcse-data fetch-eval-data"):
         load_task(tmp_path / "nowhere", "stsb_dev")
     (tmp_path / "s").mkdir()
     with pytest.raises(EvalDataError, match=r"STSBenchmark/sts-test\.csv: not found"):

@@ -32,8 +32,8 @@ STS_SUBSETS = {
               ["answer-answer", "headlines", "plagiarism", "postediting", "question-question"]),
 }
 TASKS = ["stsb_dev", "stsb_test", "sickr_test", *STS_SUBSETS]
-FETCH_HINT = ("download SentEval's STS data (SentEval/data/downstream/get_transfer_data.bash) and "
-              "point eval.sts_dir at the folder holding STSBenchmark/, SICK/ and STS1x-en-test/")
+FETCH_HINT = ("get SentEval's STS data with `webmcse-data fetch-eval-data data/senteval` (needs internet) and "
+              "point eval.sts_dir at that folder (it holds STSBenchmark/, SICK/ and STS1x-en-test/)")
 
 Encoder = Callable[[list[str]], np.ndarray]
 
