@@ -39,8 +39,8 @@ def setup(model_name: str, batch: int, engine: str):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    overrides = [f"model.name_or_path={model_name}", "model.pooler=cls", f"data.batch_size={batch}",
-                 "tracking.backend=none"]
+    overrides = [f"model.name_or_path={model_name}", "model.pooler=cls",
+                 f"data.global_batch_size={batch * dist.world_size()}", "tracking.backend=none"]
     if engine.startswith("zero"):
         overrides.append(f"distributed.zero_stage={engine[-1]}")
     cfg = load_config(ROOT / "tests/data/dist_base.yaml", overrides)

@@ -43,7 +43,7 @@ def main() -> None:
         cfg = {
             "data": {"sources": [{"name": "wiki", "kind": "text", "path": str(tmp / "text")},
                                  {"name": "coco", "kind": "pairs", "path": str(tmp / "pairs")}],
-                     "caption_every": 4, "batch_size": 16, "num_workers": 1},
+                     "caption_every": 4, "global_batch_size": 16, "num_workers": 1},
             "model": {"name_or_path": args.model, "pooler": "mean"},
             "train": {"max_steps": args.steps, "checkpoint_every": args.every, "log_every": 10,
                       "output_dir": str(tmp / "runs"), "save_best": False, "save_final": False},

@@ -71,7 +71,7 @@ def main() -> None:
 
     cfg = load_config(ROOT / "tests/data/dist_base.yaml",
                       [f"model.name_or_path={args.model}", "model.pooler=cls",
-                       f"data.batch_size={args.batch}", "tracking.backend=none"])
+                       f"data.global_batch_size={args.batch}", "tracking.backend=none"])
     tok = AutoTokenizer.from_pretrained(resolve_name(args.model))
     batch = make_batch(tok, args.batch, args.max_len, 1280)
 

@@ -62,7 +62,7 @@ def stream_rate(ds: Path, workers: int, batches: int, tower) -> float:
 
     tok = AutoTokenizer.from_pretrained(resolve_name("gt:all-MiniLM-L6-v2"))
     source = open_source(SourceConfig(path=str(ds), kind="pairs", name="s"), 0)
-    cfg = DataConfig(batch_size=64, num_workers=workers, max_len=32, shuffle_shards=2)
+    cfg = DataConfig(global_batch_size=64, num_workers=workers, max_len=32, shuffle_shards=2)
     streams = BatchStreams([source], tok, cfg, seed=0, rank=0, world=1, image_dim=1280,
                            image_transform=tower.preprocess if tower is not None else None)
     for _ in range(max(2, workers)):  # start-up: workers fork, first windows load

@@ -60,7 +60,8 @@ def scenario_config(model_dir: str, name: str) -> tuple[list[str], dict]:
     opts = {"cache": "cache" in parts, "tau": "tau" in parts, "text": "text" in parts,
             "adamw20": "adamw20" in parts, "sym": "sym" in parts, "clip": "clip" in parts}
     overrides = [f"model.name_or_path={model_dir}", "model.dropout=0", "model.proj_dim=8",
-                 f"data.batch_size={B}", f"train.grad_cache_chunk={2 if opts['cache'] else 0}",
+                 f"data.global_batch_size={B * dist.world_size()}",
+                 f"data.max_device_batch={2 if opts['cache'] else 0}",
                  f"optim.grad_clip={0.5 if opts['clip'] else 0}", "loss.lambda_mm=0.3",
                  f"loss.learnable_temperature={opts['tau']}", f"loss.symmetric={opts['sym']}",
                  "optim.schedule=linear", "optim.lr=1e-3", "optim.weight_decay=0.01"]

@@ -18,7 +18,7 @@ def src(kind: str, n: int, name: str = "") -> Source:
 
 
 def test_mcse_schedule_puts_a_caption_batch_every_k_steps() -> None:
-    cfg = DataConfig(batch_size=8)
+    cfg = DataConfig(global_batch_size=8)
     s = Schedule.build([src("text", 8 * 66), src("pairs", 8 * 2)], cfg, global_batch=8, seed=0)
     assert s.caption_every == 33 and s.steps_per_epoch == 68
     captions = [step for step in range(68) if s.is_caption(step)]
@@ -27,21 +27,21 @@ def test_mcse_schedule_puts_a_caption_batch_every_k_steps() -> None:
 
 
 def test_ratio_schedule_and_single_kind_sources() -> None:
-    cfg = DataConfig(schedule="ratio", caption_ratio=0.25, batch_size=4)
+    cfg = DataConfig(schedule="ratio", caption_ratio=0.25, global_batch_size=4)
     s = Schedule.build([src("text", 400), src("pairs", 40)], cfg, global_batch=4, seed=0)
     assert sum(s.is_caption(i) for i in range(400)) == 100
     assert [s.is_caption(i) for i in range(8)] == [False, False, False, True] * 2
-    only_pairs = Schedule.build([src("pairs", 40)], DataConfig(batch_size=4), global_batch=4, seed=0)
+    only_pairs = Schedule.build([src("pairs", 40)], DataConfig(global_batch_size=4), global_batch=4, seed=0)
     assert all(only_pairs.is_caption(i) for i in range(20))
-    only_text = Schedule.build([src("text", 40)], DataConfig(batch_size=4), global_batch=4, seed=0)
+    only_text = Schedule.build([src("text", 40)], DataConfig(global_batch_size=4), global_batch=4, seed=0)
     assert not any(only_text.is_caption(i) for i in range(20))
 
 
 def test_weighted_sources_are_picked_identically_on_every_rank() -> None:
     a, b = src("text", 1000, "a"), src("text", 1000, "b")
     a.weight, b.weight = 3.0, 1.0
-    s1 = Schedule.build([a, b], DataConfig(batch_size=4), global_batch=4, seed=5)
-    s2 = Schedule.build([a, b], DataConfig(batch_size=4), global_batch=4, seed=5)
+    s1 = Schedule.build([a, b], DataConfig(global_batch_size=4), global_batch=4, seed=5)
+    s2 = Schedule.build([a, b], DataConfig(global_batch_size=4), global_batch=4, seed=5)
     picks = [s1.source_at(i).name for i in range(2000)]
     assert picks == [s2.source_at(i).name for i in range(2000)]
     assert 0.7 < picks.count("a") / 2000 < 0.8
@@ -49,7 +49,7 @@ def test_weighted_sources_are_picked_identically_on_every_rank() -> None:
 
 def test_source_smaller_than_a_global_batch_fails_clearly() -> None:
     with pytest.raises(DataError, match="fewer than one global batch"):
-        Schedule.build([src("text", 10)], DataConfig(batch_size=8), global_batch=16, seed=0)
+        Schedule.build([src("text", 10)], DataConfig(global_batch_size=8), global_batch=16, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def take(stream: SourceStream, n: int) -> list[dict]:
 def test_pair_stream_yields_fixed_tokenised_batches(sample_datasets, tokenizer) -> None:
     source = open_source(SourceConfig(path=str(sample_datasets["pairs"]), kind="pairs"), 0)
     assert source.image_dim == 1280 and source.n_samples == 76
-    cfg = DataConfig(batch_size=16, max_len=12, shuffle_shards=2)
+    cfg = DataConfig(global_batch_size=16, max_len=12, shuffle_shards=2)
     batches = take(SourceStream(source, tokenizer, cfg, seed=1, rank=0, world=1, image_dim=1280), 6)
     for b in batches:
         assert b["input_ids"].shape[0] == 16 and b["input_ids"].shape[1] <= 12
@@ -82,7 +82,7 @@ def test_pair_stream_yields_fixed_tokenised_batches(sample_datasets, tokenizer) 
 
 def test_ranks_read_disjoint_samples(sample_datasets, tokenizer) -> None:
     source = open_source(SourceConfig(path=str(sample_datasets["text"]), kind="text"), 0)
-    cfg = DataConfig(batch_size=50, shuffle_shards=0)
+    cfg = DataConfig(global_batch_size=100, shuffle_shards=0)
     per_rank = []
     for rank in range(2):
         stream = SourceStream(source, tokenizer, cfg, seed=0, rank=rank, world=2)
@@ -92,7 +92,7 @@ def test_ranks_read_disjoint_samples(sample_datasets, tokenizer) -> None:
     pairs = open_source(SourceConfig(path=str(sample_datasets["pairs"]), kind="pairs"), 0)
     keys = []
     for rank in range(4):
-        stream = SourceStream(pairs, tokenizer, DataConfig(batch_size=19, shuffle_shards=0), seed=0,
+        stream = SourceStream(pairs, tokenizer, DataConfig(global_batch_size=76, shuffle_shards=0), seed=0,
                               rank=rank, world=4, image_dim=1280)
         keys.append(take(stream, 1)[0]["keys"])
     flat = [k for ks in keys for k in ks]
@@ -123,7 +123,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path, tokenizer) -> N
     write_manifest(out, {"kind": "pairs", "shards": shard_dicts(w.close()),
                          "image_encoder": {"name": "toy", "dim": 8}})
     source = open_source(SourceConfig(path=str(out), kind="pairs"), 0)
-    stream = SourceStream(source, tokenizer, DataConfig(batch_size=4, shuffle_shards=0), seed=0,
+    stream = SourceStream(source, tokenizer, DataConfig(global_batch_size=4, shuffle_shards=0), seed=0,
                           rank=0, world=1, image_dim=8)
     batches = take(stream, 2)
     keys = [k for b in batches for k in b["keys"]]

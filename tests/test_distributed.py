@@ -103,7 +103,7 @@ def _setup(model_dir: Path, extra: list[str], dtype: torch.dtype = torch.float64
     from trainer.engine import build_accelerator, build_model
 
     overrides, _ = scenario_config(str(model_dir), "ddp")
-    cfg = load_config(ROOT / "tests" / "data" / "dist_base.yaml", [*overrides, "data.batch_size=8", *extra])
+    cfg = load_config(ROOT / "tests" / "data" / "dist_base.yaml", [*overrides, "data.global_batch_size=8", *extra])
     acc = build_accelerator(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, IMAGE_DIM).to(dtype)
@@ -118,9 +118,9 @@ def test_grad_cache_equals_big_batch_including_temperature(tiny16: Path, fresh_a
     from trainer.step import forward_backward
 
     batch = global_batch(2, caption=True, seed=5, dtype=torch.float64)  # 8 rows
-    cfg, acc, model = _setup(tiny16, ["loss.learnable_temperature=true", "train.grad_cache_chunk=2"])
+    cfg, acc, model = _setup(tiny16, ["loss.learnable_temperature=true", "data.max_device_batch=2"])
     plain_cfg = load_config(ROOT / "tests" / "data" / "dist_base.yaml",
-                            [*scenario_config(str(tiny16), "ddp")[0], "data.batch_size=8",
+                            [*scenario_config(str(tiny16), "ddp")[0], "data.global_batch_size=8",
                              "loss.learnable_temperature=true"])
     ref = _copy(model)
     losses, ran = forward_backward(model, batch, cfg, acc)  # K = 4 chunks
@@ -149,7 +149,7 @@ def test_grad_cache_replays_dropout_masks(tiny16: Path, fresh_accelerator, monke
     from trainer import step
 
     batch = global_batch(2, caption=True, seed=6, dtype=torch.float64)
-    cfg, acc, model = _setup(tiny16, ["model.dropout=0.2", "train.grad_cache_chunk=4"])
+    cfg, acc, model = _setup(tiny16, ["model.dropout=0.2", "data.max_device_batch=4"])
     model.train()
     ref = _copy(model)
 

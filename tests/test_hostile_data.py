@@ -132,7 +132,7 @@ def hostile_members(tmp: Path, start: int, n: int, image: str) -> list[tuple[str
 
 def run_stream(source_dir: Path, tokenizer, batches: int, *, dim: int, transform=None) -> list[dict]:
     source = open_source(SourceConfig(path=str(source_dir), kind="pairs"), 0)
-    stream = SourceStream(source, tokenizer, DataConfig(batch_size=4, shuffle_shards=0, num_workers=0), seed=0,
+    stream = SourceStream(source, tokenizer, DataConfig(global_batch_size=4, shuffle_shards=0, num_workers=0), seed=0,
                           rank=0, world=1, image_dim=dim, image_transform=transform)
     return list(itertools.islice(iter(stream), batches))
 

@@ -18,7 +18,7 @@ def base(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sample_datas
     cfg = {
         "data": {"sources": [{"name": "wiki", "kind": "text", "path": str(sample_datasets["text"])},
                              {"name": "coco", "kind": "pairs", "path": str(sample_datasets["pairs"])}],
-                 "caption_every": 3, "batch_size": 8, "num_workers": 0, "max_len": 16},
+                 "caption_every": 3, "global_batch_size": 8, "num_workers": 0, "max_len": 16},
         "model": {"name_or_path": str(tiny_bert), "pooler": "mean", "proj_dim": 16},
         "train": {"max_steps": 2, "log_every": 1},
         "eval": {"sts_dir": str(SAMPLE / "senteval"), "every_steps": 0, "at_start": False, "pooler": "mean",
@@ -40,12 +40,17 @@ CASES = [
     # (id, overrides, expected fragment of the one error line)
     ("unknown key", ["optim.lrr=1e-5"], "optim.lrr: unknown key (did you mean optim.lr?)"),
     ("zero stage 4", ["distributed.zero_stage=4"], "distributed.zero_stage: must be 0, 1, 2 or 3"),
-    ("chunk does not divide batch", ["train.grad_cache_chunk=3"],
-     "train.grad_cache_chunk: 3 does not divide data.batch_size=8"),
+    ("per-device batch key of old configs", ["data.batch_size=8"],
+     "data.batch_size: replaced by data.global_batch_size"),
+    ("trained BatchNorm tower with gradient caching",
+     ["model.image_tower=efficientnet_lite0", "model.train_image_tower=true", "data.max_device_batch=4"],
+     "efficientnet_lite0 has BatchNormAct2d layers, whose batch statistics make chunked training inexact"),
+    ("selection by retrieval without held-out pairs", ["eval.select_by=t2i_R@10"],
+     "eval.select_by: t2i_R@10 needs eval.retrieval_path"),
     ("missing data path", ["data.sources.1.path=/nonexistent/pairs"],
      "data.sources.1.path='/nonexistent/pairs': no manifest.json there"),
     ("pipe url", ["data.sources.0.path=pipe:curl http://x"], "pipe: locations run shell commands"),
-    ("too many slots for the data", ["data.batch_size=64", "data.num_workers=4"],
+    ("too many slots for the data", ["data.global_batch_size=64", "data.num_workers=4"],
      "cannot give each of 1 rank(s) x 4 worker(s) one batch of 64"),
     ("missing eval data", ["eval.sts_dir=/nonexistent/senteval"], "/nonexistent/senteval: STS data folder not found"),
     ("missing deepspeed config", ["distributed.deepspeed_config=/nonexistent/ds.json"],
@@ -53,6 +58,18 @@ CASES = [
     ("missing model", ["model.name_or_path=/nonexistent/model"], "model.name_or_path=/nonexistent/model"),
     ("resume never on a used folder", ["train.resume=never", "train.run_name=taken"], "train.resume=never"),
 ]
+
+
+def test_global_batch_the_world_size_does_not_divide_is_one_line(base: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as `accelerate launch --num_processes 3` sets it
+    code = main(["--config", str(base), f"train.output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.strip().splitlines()[-1] == (
+        "config error: data.global_batch_size=8 cannot be split evenly over 3 processes (every rank needs the "
+        "same batch); use 6 or 9, or another process count")
 
 
 @pytest.mark.parametrize(("overrides", "fragment"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])

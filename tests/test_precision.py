@@ -30,7 +30,7 @@ def run(tiny_bert: Path, steps: int = 3, **options: str) -> tuple[list[float], d
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    overrides = [f"model.name_or_path={tiny_bert}", "model.pooler=cls", "data.batch_size=8", "model.proj_dim=16",
+    overrides = [f"model.name_or_path={tiny_bert}", "model.pooler=cls", "data.global_batch_size=8", "model.proj_dim=16",
                  "tracking.backend=none", "optim.lr=1e-3", *(f"{k}={v}" for k, v in options.items())]
     cfg = load_config(ROOT / "tests/data/dist_base.yaml", overrides)
     acc = build_accelerator(cfg)

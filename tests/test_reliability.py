@@ -32,7 +32,7 @@ def base_config(tmp_path_factory: pytest.TempPathFactory, tiny: Path, sample_dat
     cfg = {
         "data": {"sources": [{"name": "wiki", "kind": "text", "path": str(sample_datasets["text"])},
                              {"name": "coco", "kind": "pairs", "path": str(sample_datasets["pairs"])}],
-                 "schedule": "mcse", "caption_every": 3, "batch_size": 8, "num_workers": 2, "max_len": 24,
+                 "schedule": "mcse", "caption_every": 3, "global_batch_size": 16, "num_workers": 2, "max_len": 24,
                  "shuffle_shards": 2},
         "model": {"name_or_path": str(tiny), "pooler": "mean", "proj_dim": 16},
         "optim": {"lr": 5e-4, "warmup_steps": 3},

@@ -52,7 +52,7 @@ def test_sbatch_preemption_drill_matches_an_uninterrupted_job(cluster: Cluster, 
     cfg = {
         "data": {"sources": [{"name": "wiki", "kind": "text", "path": str(sample_datasets["text"])},
                              {"name": "coco", "kind": "pairs", "path": str(sample_datasets["pairs"])}],
-                 "caption_every": 3, "batch_size": 8, "num_workers": 1, "max_len": 24},
+                 "caption_every": 3, "global_batch_size": 16, "num_workers": 1, "max_len": 24},
         "model": {"name_or_path": str(tiny), "pooler": "mean", "proj_dim": 16},
         "optim": {"lr": 5e-4},
         "train": {"max_steps": STEPS, "log_every": 20, "output_dir": str(runs), "checkpoint_every": 1000,

@@ -48,7 +48,7 @@ def uneven(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def streams(path: Path | str, tok, rank: int, world: int, *, state=None, seed=0, workers=2, batch=8,
             window=2) -> BatchStreams:
     source = open_source(SourceConfig(path=str(path), kind="text", name="corpus"), 0)
-    cfg = DataConfig(batch_size=batch, num_workers=workers, shuffle_shards=window)
+    cfg = DataConfig(global_batch_size=batch * world, num_workers=workers, shuffle_shards=window)
     return BatchStreams([source], tok, cfg, seed=seed, rank=rank, world=world, image_dim=0, state=state)
 
 

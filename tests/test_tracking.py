@@ -92,7 +92,7 @@ def config(tmp_path: Path, tiny: Path, datasets: dict[str, Path], **train) -> Pa
     cfg = {
         "data": {"sources": [{"name": "wiki", "kind": "text", "path": str(datasets["text"])},
                              {"name": "coco", "kind": "pairs", "path": str(datasets["pairs"])}],
-                 "caption_every": 4, "batch_size": 8, "num_workers": 1, "max_len": 24},
+                 "caption_every": 4, "global_batch_size": 8, "num_workers": 1, "max_len": 24},
         "model": {"name_or_path": str(tiny), "pooler": "mean", "proj_dim": 16},
         "optim": {"lr": 5e-4},
         "train": {"log_every": 1, "output_dir": str(tmp_path / "runs"), **train},

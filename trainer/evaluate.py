@@ -23,6 +23,8 @@ import numpy as np
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
+from trainer.config import STS_TASKS
+
 STS_SUBSETS = {
     "sts12": ("STS12-en-test", ["MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"]),
     "sts13": ("STS13-en-test", ["FNWN", "headlines", "OnWN"]),
@@ -31,7 +33,7 @@ STS_SUBSETS = {
     "sts16": ("STS16-en-test",
               ["answer-answer", "headlines", "plagiarism", "postediting", "question-question"]),
 }
-TASKS = ["stsb_dev", "stsb_test", "sickr_test", *STS_SUBSETS]
+TASKS = list(STS_TASKS)
 FETCH_HINT = ("get SentEval's STS data with `webmcse-data fetch-eval-data data/senteval` (needs internet) and "
               "point eval.sts_dir at that folder (it holds STSBenchmark/, SICK/ and STS1x-en-test/)")
 

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(cfg, accelerator)
+    except ConfigError as exc:  # settings that only the loaded data or model can refute
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     except (DataError, EvalDataError, CheckpointError, ModelLoadError) as exc:
         # Problems of the inputs, named in one line; anything else is a bug and keeps its traceback.
         print(f"error: {exc}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """One optimizer step: forward, MCSE loss with gathered negatives, backward, clip, update.
 
-With ``train.grad_cache_chunk`` set, the step uses gradient caching (GradCache): every chunk
-of the rank's batch is first encoded without a graph, the loss is computed over the whole
+When the per-device batch exceeds ``data.max_device_batch``, the step uses gradient caching
+(GradCache): every chunk of the rank's batch (every batch field: tokens, masks, image
+features or decoded images) is first encoded without a graph, the loss is computed over the whole
 global batch on those cached embeddings, and each chunk is then re-encoded with a graph and
 back-propagated with its slice of the embedding gradient. Three details make it exact:
 
@@ -23,10 +24,8 @@ from typing import Any
 import torch
 
 from trainer import dist
-from trainer.config import Config
+from trainer.config import Config, chunk_size
 from trainer.loss import mcse_loss
-
-TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "image_emb")
 
 
 @dataclass
@@ -65,8 +64,14 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
 
 
 def _chunks(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """Split every per-sentence field; a field that is not per-sentence cannot be chunked and
+    is refused rather than silently dropped (a dropped image field would remove the
+    image-text term)."""
     n = batch["input_ids"].shape[0]
-    return [{k: v[i:i + size] for k, v in batch.items() if k in TEXT_KEYS} for i in range(0, n, size)]
+    odd = [k for k, v in batch.items() if not (torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == n)]
+    if odd:
+        raise ValueError(f"gradient caching: batch fields {odd} are not per-sentence tensors of {n} rows")
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
 def forward_backward(model: Any, batch: dict[str, torch.Tensor], cfg: Config,
@@ -75,8 +80,8 @@ def forward_backward(model: Any, batch: dict[str, torch.Tensor], cfg: Config,
     the parameters. A non-finite loss on any rank means no rank runs the backward."""
     B = batch["input_ids"].shape[0]
     kwargs = _loss_kwargs(cfg, offset=accelerator.process_index * B)
-    chunk = cfg.train.grad_cache_chunk
-    if not chunk or chunk >= B:
+    chunk = chunk_size(B, cfg.data.max_device_batch)
+    if chunk >= B:
         with accelerator.autocast():
             losses = mcse_loss(model(batch), **kwargs)
         values = {k: float(v.detach()) for k, v in losses.items()}

@@ -32,13 +32,14 @@ from trainer.checkpoint import (
     set_rng_state,
     verify,
 )
-from trainer.config import Config, flatten, save_config, to_dict
+from trainer.config import Config, SourceConfig, batch_layout, effective_lr, flatten, save_config, to_dict
 from trainer.control import PREEMPTED_FILE, STOP_FILE, StopRequest, Watchdog
 from trainer.data import BatchStreams, DataError, Schedule, check_layouts, open_source
 from trainer.engine import (
     build_model,
     build_optimizer,
     build_scheduler,
+    check_tower_chunking,
     eval_copy,
     load_image_tower,
     unsharded_construction,
@@ -92,11 +93,11 @@ def setup_logging(is_main: bool) -> None:
         transformers.logging.set_verbosity_error()
 
 
-def default_run_name(cfg: Config, world: int) -> str:
+def default_run_name(cfg: Config) -> str:
     model = Path(cfg.model.name_or_path.rstrip("/")).name.replace(":", "-") or "model"
     kinds = "+".join(sorted({s.kind for s in cfg.data.sources}))
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{model}-{kinds}-b{cfg.data.batch_size * world}-lr{cfg.optim.lr:g}-{stamp}"
+    return f"{model}-{kinds}-b{cfg.data.global_batch_size}-lr{effective_lr(cfg):g}-{stamp}"
 
 
 class _Averager:
@@ -161,17 +162,21 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
     if len(set(names)) != len(names):
         raise DataError(f"data.sources: two sources share the name {max(names, key=names.count)!r}; "
                         f"give each a distinct data.sources.N.name")
+    layout = batch_layout(cfg, world)
     tower = load_image_tower(cfg)
+    check_tower_chunking(cfg, tower, layout)
     image_dim = _image_dim(cfg, sources, tower)
-    global_batch = cfg.data.batch_size * world
+    global_batch = layout.global_batch
     schedule = Schedule.build(sources, cfg.data, global_batch, cfg.train.seed)
     check_layouts(sources, cfg.data, world, cfg.train.seed)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * schedule.steps_per_epoch))
-    for task in {cfg.eval.dev_task, *cfg.eval.final_tasks}:
+    for task in {cfg.eval.dev_task, *cfg.eval.final_tasks} - {""}:
         load_task(cfg.eval.sts_dir, task)  # missing eval data fails now, not after hours
+    if cfg.eval.retrieval_path:
+        open_source(SourceConfig(path=cfg.eval.retrieval_path, kind="pairs", name="retrieval"), 0)
 
     # ---- run folder; rank 0 decides the name and the checkpoint, every rank uses them
-    run_name = dist.broadcast_object(cfg.train.run_name or default_run_name(cfg, world))
+    run_name = dist.broadcast_object(cfg.train.run_name or default_run_name(cfg))
     run_dir = Path(cfg.train.output_dir) / run_name
     ckpt_choice: Any = None
     t_verify = time.perf_counter()
@@ -216,8 +221,10 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
 
     tracker = make_tracker(cfg.tracking, run_name, is_main, run_dir=run_dir, run_id=state.mlflow_run_id)
     state.mlflow_run_id = tracker.run_id
+    derived = {**layout.params(), "layout.steps_per_epoch": str(schedule.steps_per_epoch),
+               "layout.total_steps": str(total_steps), "optim.effective_lr": f"{effective_lr(cfg):g}"}
     if ckpt is None:
-        tracker.log_params(flatten(cfg))
+        tracker.log_params({**flatten(cfg), **derived})
         tracker.set_tags(run_tags(world, {s.name: s.manifest_sha256 for s in sources}))
         tracker.log_artifact(run_dir / "config.yaml")
     else:
@@ -230,11 +237,10 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
         # Restored after the DataLoaders started: creating them draws from the global RNG.
         set_rng_state(rng_state)
 
-    every = (f"one every {schedule.caption_every} steps" if cfg.data.schedule == "mcse"
-             else f"{cfg.data.caption_ratio:.0%} of steps")
-    log.info("run %s: steps %d..%d (%d per epoch), global batch %d on %d process(es), caption batches: "
-             "%s; sources: %s", run_name, state.step, total_steps, schedule.steps_per_epoch, global_batch,
-             world, every, ", ".join(f"{s.name} ({s.kind}, {s.n_samples})" for s in sources))
+    log.info("run %s: steps %d..%d (%d per epoch), %s, lr %g (scaling %s); %s; sources: %s", run_name,
+             state.step, total_steps, schedule.steps_per_epoch, layout.describe(), effective_lr(cfg),
+             cfg.optim.lr_scaling, schedule.describe(), ", ".join(f"{s.name} ({s.kind}, {s.n_samples})"
+                                                               for s in sources))
 
     watchdog = Watchdog(run_dir, rank, world, cfg.distributed.heartbeat_timeout_s)
     watchdog.start()
@@ -253,6 +259,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
         watchdog.waiting(False)
 
     keys_log = _KeyLog(run_dir, rank) if cfg.train.record_keys else None
+    console = _MetricsLog(run_dir) if is_main else None
     avg = _Averager()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit=" step", disable=not is_main,
                dynamic_ncols=True)
@@ -299,6 +306,8 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
                     "epoch": state.step / schedule.steps_per_epoch,
                 })
                 tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, state.step)
+                if is_main:
+                    console.log(state.step, total_steps, metrics)
                 state.loss_curve.append([state.step, metrics.get("loss", float("nan")),
                                          metrics.get("loss_mm", float("nan"))])
                 bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", refresh=False)
@@ -321,6 +330,8 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
         watchdog.close()
         if keys_log is not None:
             keys_log.close()
+        if console is not None:
+            console.close()
 
     if preempted:
         if is_main:
@@ -330,7 +341,9 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
         return {"state": asdict(state), "preempted": True, "table": ""}
 
     state.after_metric = evaluator.dev(model, state, state.step)
-    if cfg.train.save_final:
+    if cfg.train.save_final or not evaluator.best_dir_exists():
+        # Without a best-on-dev export (no selection metric, or save_best off) the final
+        # weights are the run's model, so they are exported whatever save_final says.
         evaluator.export(model, run_dir / "final", state, state.after_metric)
     summary = evaluator.final(state, total_steps)
     dist.wait_for_main("the final evaluation")
@@ -339,6 +352,25 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
         print("\n" + summary["table"])
         print(tracker.describe())
     return summary
+
+
+class _MetricsLog:
+    """One line per log step on the console and in run_dir/metrics.jsonl, whatever the tracking
+    backend: the run folder alone tells how training went."""
+
+    ORDER = ("loss", "loss_simcse", "loss_mm", "grad_norm", "lr", "samples_per_s", "data_wait_frac")
+
+    def __init__(self, run_dir: Path) -> None:
+        self.fh = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - kept open
+
+    def log(self, step: int, total: int, metrics: dict[str, float]) -> None:
+        self.fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.fh.flush()
+        shown = [f"{k} {metrics[k]:.4g}" for k in self.ORDER if k in metrics]
+        log.info("step %d/%d: %s", step, total, ", ".join(shown))
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 class _KeyLog:
@@ -409,11 +441,14 @@ def _temperature_metrics(accelerator: Any, model: Any) -> dict[str, float]:
 
 
 class _Evaluator:
-    """Dev evaluation on rank 0, best-model export, and the end-of-run report.
+    """Evaluation during training on rank 0, best-model export, and the end-of-run report.
 
-    Every rank calls :meth:`dev` and :meth:`export` (under ZeRO-3 the weights must be gathered
-    collectively first); rank 0 then works alone while the others wait on the long-wait group,
-    which cannot trip the collective timeout however long the evaluation takes.
+    What is evaluated is configurable and all of it optional: an STS dev task (raw [CLS] under
+    MCSE's protocol), held-out image<->text retrieval through the grounding heads, both, or
+    nothing. The selection metric (``eval.select_by``, default the dev task) picks the best
+    checkpoint. Every rank calls :meth:`dev` and :meth:`export` (under ZeRO-3 the weights must be
+    gathered collectively first); rank 0 then works alone while the others wait on the
+    long-wait group, which cannot trip the collective timeout however long evaluation takes.
     """
 
     def __init__(self, cfg: Config, accelerator: Any, tokenizer: Any, tracker: Any, run_dir: Path,
@@ -425,6 +460,14 @@ class _Evaluator:
         self.run_dir = run_dir
         self.image_dim = image_dim
         self.watchdog = watchdog
+        e = cfg.eval
+        self.retrieval_every = bool(e.retrieval_every and e.retrieval_path and image_dim)
+        self.select = e.select_by or e.dev_task
+        self.active = bool(e.dev_task) or self.retrieval_every
+        self.tower = load_image_tower(cfg) if e.retrieval_path and cfg.model.image_tower else None
+
+    def best_dir_exists(self) -> bool:
+        return bool(dist.broadcast_object((self.run_dir / "best").is_dir() if self.acc.is_main_process else None))
 
     def _encoder(self, model: Any, desc: str) -> Any:
         e = self.cfg.eval
@@ -432,7 +475,13 @@ class _Evaluator:
                             device=self.acc.device, progress=True, desc=desc,
                             on_batch=lambda: self.watchdog.beat())
 
-    def _solo(self, model: Any, what: str) -> Any:
+    def _retrieval(self, model: Any) -> dict[str, float]:
+        e = self.cfg.eval
+        return retrieval(model, self.tok, e.retrieval_path, batch_size=e.batch_size, device=self.acc.device,
+                         max_images=e.retrieval_max_images,
+                         image_transform=self.tower.preprocess if self.tower else None)
+
+    def _solo(self, model: Any) -> Any:
         """The model rank 0 works on alone; the other ranks are marked as waiting."""
         solo = eval_copy(self.acc, model, self.cfg, self.image_dim)
         if solo is None:
@@ -444,18 +493,28 @@ class _Evaluator:
         self.watchdog.waiting(False)
 
     def dev(self, model: Any, state: TrainState, step: int, consider_best: bool = True) -> float | None:
-        """Evaluate the dev task on rank 0 (and export it if it is the best so far)."""
+        """Evaluate on rank 0; export the model if its selection metric is the best so far.
+        Returns the selection metric (None when nothing is evaluated)."""
+        if not self.active:
+            return None
         score = None
-        solo = self._solo(model, "evaluation")
+        solo = self._solo(model)
         if solo is not None:
-            task = self.cfg.eval.dev_task
             t0 = time.perf_counter()
-            res = evaluate_tasks(self._encoder(solo, f"eval {task} @ {step}"), self.cfg.eval.sts_dir, [task])
-            score = res[task]["spearman"]
-            state.history.append({"step": step, task: score})
-            self.tracker.log_metrics({f"eval/{task}": score, "eval/seconds": time.perf_counter() - t0}, step)
-            log.info("step %d: %s Spearman x100 = %.2f", step, task, score)
-            if consider_best and score > state.best_metric:
+            entry: dict[str, Any] = {"step": step}
+            task = self.cfg.eval.dev_task
+            if task:
+                res = evaluate_tasks(self._encoder(solo, f"eval {task} @ {step}"), self.cfg.eval.sts_dir, [task])
+                entry[task] = res[task]["spearman"]
+            if self.retrieval_every:
+                rt = self._retrieval(solo)
+                entry.update({k: v for k, v in rt.items() if "@" in k})
+            state.history.append(entry)
+            score = entry.get(self.select)
+            self.tracker.log_metrics({**{f"eval/{_metric_key(k)}": v for k, v in entry.items() if k != "step"},
+                                      "eval/seconds": time.perf_counter() - t0}, step)
+            log.info("step %d: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in entry.items() if k != "step"))
+            if consider_best and score is not None and score > state.best_metric:
                 state.best_metric, state.best_step = score, step
                 if self.cfg.train.save_best:
                     self._export(solo, self.run_dir / "best", state, score)
@@ -466,62 +525,86 @@ class _Evaluator:
         return dist.broadcast_object(score)
 
     def export(self, model: Any, folder: Path, state: TrainState, score: float | None) -> None:
-        solo = self._solo(model, "export")
+        solo = self._solo(model)
         if solo is not None:
             self._export(solo, folder, state, score)
         self._done(f"the export to {folder}")
 
     def _export(self, solo: Any, folder: Path, state: TrainState, score: float | None) -> None:
-        info = {"step": state.step, "dev_task": self.cfg.eval.dev_task, "dev_spearman": score,
+        info = {"step": state.step, "select_metric": self.select or None, "select_value": score,
                 "eval_pooler": self.cfg.eval.pooler}
         export_model(solo, self.tok, folder, info)
 
-    def _extra_metrics(self, best: Any, summary: dict[str, Any], step: int) -> str:
-        """Alignment/uniformity and retrieval of the best model, as a markdown table."""
+    def _progress_table(self, state: TrainState, total_steps: int) -> str:
+        """Before / after / best for every metric evaluated during training."""
+        by_step = {h["step"]: h for h in state.history}
+        cols: list[tuple[str, dict[str, Any]]] = []
+        if 0 in by_step and state.before_metric is not None:
+            cols.append(("before training (step 0)", by_step[0]))
+        if total_steps in by_step:
+            cols.append((f"after training (step {total_steps})", by_step[total_steps]))
+        if self.cfg.train.save_best and state.best_step >= 0 and state.best_step in by_step:
+            cols.append((f"best checkpoint (step {state.best_step})", by_step[state.best_step]))
+        names = [k for k in dict.fromkeys(k for h in state.history for k in h) if k != "step"]
+        if not cols or not names:
+            return ""
+        lines = ["| metric | " + " | ".join(c for c, _ in cols) + " |",
+                 "| --- |" + " ---: |" * len(cols)]
+        for name in names:
+            label = _metric_label(name, self.cfg)
+            lines.append(f"| {label} | " + " | ".join(f"{h[name]:.2f}" if name in h else "" for _, h in cols) + " |")
+        return "\n".join(lines) + "\n"
+
+    def _extra_metrics(self, model: Any, summary: dict[str, Any], step: int) -> str:
+        """Alignment/uniformity and held-out retrieval of the exported model, as a markdown table."""
         e = self.cfg.eval
         rows = []
-        if e.align_uniform:
-            au = alignment_uniformity(self._encoder(best, "alignment/uniformity"), e.sts_dir)
+        if e.align_uniform and (Path(e.sts_dir) / "STSBenchmark" / "sts-dev.csv").is_file():
+            au = alignment_uniformity(self._encoder(model, "alignment/uniformity"), e.sts_dir)
             summary["alignment_uniformity"] = au
-            rows += [("alignment (STS-B dev, gold >= 4; lower is better)", au["alignment"]),
-                     ("uniformity (STS-B dev; lower is better)", au["uniformity"])]
-        if e.retrieval_path and best.image_head is not None:
-            tower = load_image_tower(self.cfg)
-            rt = retrieval(best, self.tok, e.retrieval_path, batch_size=e.batch_size, device=self.acc.device,
-                           max_images=e.retrieval_max_images, image_transform=tower.preprocess if tower else None)
+            rows += [("alignment", "alignment (STS-B dev, gold >= 4; lower is better)", au["alignment"]),
+                     ("uniformity", "uniformity (STS-B dev; lower is better)", au["uniformity"])]
+        if e.retrieval_path and model.image_head is not None:
+            rt = self._retrieval(model)
             summary["retrieval"] = rt
-            rows += [(f"retrieval {k} ({rt['images']} images)", v) for k, v in rt.items() if "@" in k]
+            chance = {k: 100.0 * min(1.0, int(k.split("@")[1]) / rt["images"]) for k in rt if "@" in k}
+            summary["retrieval_chance"] = chance
+            rows += [(f"retrieval_{k}", f"held-out retrieval {k} ({rt['images']} images; chance {chance[k]:.1f})", v)
+                     for k, v in rt.items() if "@" in k]
         if not rows:
             return ""
-        self.tracker.log_metrics({f"final/{_metric_key(name)}": v for name, v in rows}, step)
-        return "\n| metric | value |\n| --- | ---: |\n" + "".join(f"| {n} | {v:.3f} |\n" for n, v in rows)
+        self.tracker.log_metrics({f"final/{_metric_key(key)}": v for key, _, v in rows}, step)
+        return "\n| metric | value |\n| --- | ---: |\n" + "".join(f"| {n} | {v:.3f} |\n" for _, n, v in rows)
 
     def final(self, state: TrainState, total_steps: int) -> dict[str, Any]:
-        """Evaluate the best model on the final tasks; write and log results."""
+        """Evaluate the exported model (best checkpoint, else the last step's) on the final
+        tasks; write and log the results."""
         summary: dict[str, Any] = {"state": asdict(state), "history": state.history, "table": ""}
         if not self.acc.is_main_process:
             self.watchdog.waiting(True)
             return summary
-        task = self.cfg.eval.dev_task
-        lines = [f"| {task} (Spearman x100) | step | value |", "| --- | ---: | ---: |"]
-        if state.before_metric is not None:
-            lines.append(f"| before training | 0 | {state.before_metric:.2f} |")
-        if state.after_metric is not None:
-            lines.append(f"| after training | {total_steps} | {state.after_metric:.2f} |")
-        if state.best_step >= 0:
-            lines.append(f"| best checkpoint | {state.best_step} | {state.best_metric:.2f} |")
-        table = "\n".join(lines) + "\n"
-        best_dir = self.run_dir / "best"
-        if self.cfg.eval.final_tasks and best_dir.is_dir():
+        best_dir, final_dir = self.run_dir / "best", self.run_dir / "final"
+        model_dir = best_dir if best_dir.is_dir() else final_dir if final_dir.is_dir() else None
+        if model_dir is best_dir:
+            which = f"best checkpoint (step {state.best_step}, by {_metric_label(self.select, self.cfg)})"
+        else:
+            reason = "no evaluation during training" if not self.active else \
+                "train.save_best=false" if not self.cfg.train.save_best else "no best checkpoint"
+            which = f"last step ({total_steps}; {reason})"
+        summary["exported"] = {"folder": str(model_dir) if model_dir else None, "which": which}
+        table = self._progress_table(state, total_steps)
+        if model_dir is not None:
+            table += f"\nExported model: {model_dir} = {which}.\n"
+        e = self.cfg.eval
+        if model_dir is not None and (e.final_tasks or e.align_uniform or e.retrieval_path):
             with unsharded_construction(self.acc):
-                best = MCSEModel.load(best_dir).to(self.acc.device)
-            res = evaluate_tasks(self._encoder(best, "final eval"), self.cfg.eval.sts_dir,
-                                 self.cfg.eval.final_tasks)
-            summary["final"] = res
-            table += "\n" + results_markdown(res, f"best checkpoint (step {state.best_step}), "
-                                                  f"pooler {self.cfg.eval.pooler}")
-            self.tracker.log_metrics({f"final/{t}": r["spearman"] for t, r in res.items()}, total_steps)
-            table += self._extra_metrics(best, summary, total_steps)
+                exported = MCSEModel.load(model_dir).to(self.acc.device)
+            if e.final_tasks:
+                res = evaluate_tasks(self._encoder(exported, "final eval"), e.sts_dir, e.final_tasks)
+                summary["final"] = res
+                table += "\n" + results_markdown(res, f"{which}, pooler {e.pooler}")
+                self.tracker.log_metrics({f"final/{t}": r["spearman"] for t, r in res.items()}, total_steps)
+            table += self._extra_metrics(exported, summary, total_steps)
         summary["table"] = table
         record = {k: v for k, v in summary.items() if k != "table"}
         (self.run_dir / "results.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
@@ -530,8 +613,12 @@ class _Evaluator:
         self.tracker.log_artifact(self.run_dir / "results.md")
         for png in write_plots(self.run_dir, state, summary.get("final")):
             self.tracker.log_artifact(png, "plots")
-        model_dir = best_dir if best_dir.is_dir() else self.run_dir / "final"
-        if self.cfg.tracking.log_model and model_dir.is_dir():
-            self.tracker.log_model(model_dir, self.cfg.eval.pooler)
+        if self.cfg.tracking.log_model and model_dir is not None:
+            self.tracker.log_model(model_dir, e.pooler)
         return summary
 
+
+def _metric_label(name: str, cfg: Config) -> str:
+    if "@" in name:
+        return f"held-out {name.replace('_', ' ')}"
+    return f"{name} Spearman x100 ({cfg.eval.pooler})"
