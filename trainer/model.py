@@ -101,6 +101,13 @@ class MCSEModel(nn.Module):
         self.encoder = encoder
         self.pooler = pooler
         self.mlp = ProjectionHead(hidden, hidden) if mlp_head else None
+        if self.mlp is not None:
+            # MCSE/SimCSE build the MLP inside the BERT model class, so BERT's own initialiser
+            # sets it (normal with the encoder's initializer_range, zero bias); the grounding
+            # heads are plain modules there and keep PyTorch's default, as here.
+            std = float(getattr(encoder.config, "initializer_range", 0.02))
+            nn.init.normal_(self.mlp.dense.weight, mean=0.0, std=std)
+            nn.init.zeros_(self.mlp.dense.bias)
         self.text_head = ProjectionHead(hidden, proj_dim)
         self.image_head = ProjectionHead(image_dim, proj_dim) if image_dim > 0 else None
         self.image_dim = image_dim
