@@ -13,6 +13,11 @@ from data_tools.filters import FilterOptions, ImageOptions
 from data_tools.sources import INPUT_FORMATS
 
 
+def _no_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (the summary is still printed)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="webmcse-data", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
@@ -29,8 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--caption-col", help="column with the caption(s) (default: auto)")
     sp.add_argument("--key-col", help="column with a unique sample key (default: 'key' or row)")
     sp.add_argument("--image-root", help="COCO json: folder holding the images (default: the json's folder)")
+    sp.add_argument("--no-group-by-image", dest="group_by_image", action="store_false",
+                    help="tables: one record per row, even when several rows name the same image "
+                         "(default: rows of one image become one record with all their captions)")
+    sp.add_argument("--allow-outside-paths", action="store_true",
+                    help="read image paths that leave the table's folder (or the COCO image root): "
+                         "'../x.jpg', absolute paths (default: dropped as path_outside_root)")
     sp.add_argument("--strict", action="store_true",
-                    help="stop at the first malformed row (naming file and line) instead of counting it")
+                    help="stop at the first malformed record (bad row, undecodable text, cut file, path outside "
+                         "the table's folder, a worker failure), naming file and line, instead of counting it")
     sp.add_argument("--dedup", choices=["image", "pair", "none"], default="image",
                     help="exact dedup identity: image bytes, image+caption, or off")
     sp.add_argument("--near-dup-distance", type=int, default=NEAR_DUP_DEFAULT,
@@ -42,27 +54,54 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--min-caption-chars", type=int, default=FilterOptions.min_caption_chars)
     sp.add_argument("--min-caption-words", type=int, default=FilterOptions.min_caption_words)
     sp.add_argument("--max-caption-chars", type=int, default=FilterOptions.max_caption_chars)
+    sp.add_argument("--no-verify-decode", dest="verify_decode", action="store_false",
+                    help="check image headers only, skip the full decode (faster; truncated files get through, "
+                         "and no phash: near-dup dedup and --eval-images need the decode)")
     sp.add_argument("--max-side", type=int, default=0, help="downscale larger images to this longer side (JPEG)")
     sp.add_argument("--jpeg-quality", type=int, default=ImageOptions.jpeg_quality)
     sp.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG")
     dl = DownloadOptions()
     sp.add_argument("--timeout", type=float, default=dl.timeout, help="seconds per download attempt")
     sp.add_argument("--retries", type=int, default=dl.retries, help="retries of transient download failures")
+    sp.add_argument("--retry-backoff", type=float, default=dl.backoff,
+                    help="seconds before the first retry (doubles per retry)")
     sp.add_argument("--max-image-bytes", type=int, default=dl.max_bytes, help="download size cap")
     sp.add_argument("--max-redirects", type=int, default=dl.max_redirects)
     sp.add_argument("--download-threads", type=int, default=dl.threads, help="concurrent downloads")
+    sp.add_argument("--user-agent", default=dl.user_agent, help="User-Agent header of downloads")
     sp.add_argument("--clip-model", help="score pairs with this open_clip model (or model-config .json)")
     sp.add_argument("--clip-pretrained", help="open_clip pretrained tag (default: random init, tests only)")
     grp = sp.add_mutually_exclusive_group()
     grp.add_argument("--clip-threshold", type=float, help="drop pairs scoring below this cosine")
     grp.add_argument("--clip-top-fraction", type=float, help="keep the best-scoring fraction of the dataset")
     sp.add_argument("--clip-device", default="cpu")
+    sp.add_argument("--clip-batch-size", type=int, default=64, help="pairs per CLIP forward pass")
+    sp.add_argument("--eval-sts", metavar="DIR",
+                    help="drop training captions equal (after normalisation) to a sentence of the STS "
+                         "evaluation sets in DIR (SentEval layout); counted as eval_overlap")
+    sp.add_argument("--eval-images", metavar="DIR",
+                    help="drop images that near-duplicate (phash) a photo of this held-out set (a pairs "
+                         "dataset or a folder of images); counted as eval_overlap")
+    sp.add_argument("--eval-near-dup-distance", type=int, default=NEAR_DUP_DEFAULT,
+                    help="Hamming distance for --eval-images")
     sp.add_argument("--workers", type=int, default=1, help="processes (output is identical for any number)")
     sp.add_argument("--chunk-size", type=int, default=64, help="records per work unit")
     sp.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
+    sp.add_argument("--shard-bytes", type=int, default=1 << 30, help="bytes per shard (a shard closes at either)")
+    sp.add_argument("--part", type=int, help="this machine's part of a partitioned run (0-based; needs --parts)")
+    sp.add_argument("--parts", type=int, help="how many parts the input is split into (then: webmcse-data merge)")
     mode = sp.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     mode.add_argument("--resume", action="store_true", help="continue a killed run after its last complete shard")
+    _no_progress(sp)
+
+    sm = sub.add_parser("merge", help="build the dataset from the parts of a partitioned shard-pairs run",
+                        description="Replays the parts' identity indexes in input order: the same duplicates, "
+                                    "keys and counts as one machine would give. See docs/DATA.md.")
+    sm.add_argument("dataset", help="the --out folder of the parts")
+    sm.add_argument("--keep-parts", action="store_true", help="keep OUT/parts after the merge")
+    sm.add_argument("--overwrite", action="store_true", help="replace a dataset built from other inputs")
+    _no_progress(sm)
 
     st = sub.add_parser("shard-text", help="one sentence per line (.gz ok) -> text shards")
     st.add_argument("inputs", nargs="+")
@@ -70,7 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--min-chars", type=int, default=1)
     st.add_argument("--dedup", action="store_true", help="drop exact duplicate sentences")
     st.add_argument("--shard-size", type=int, default=10_000)
+    st.add_argument("--shard-bytes", type=int, default=1 << 30)
+    st.add_argument("--strict", action="store_true", help="stop at the first undecodable line or cut file")
     st.add_argument("--overwrite", action="store_true")
+    _no_progress(st)
 
     se = sub.add_parser("embed", help="add frozen image features (KEY.emb.npy) to a pairs dataset")
     se.add_argument("dataset")
@@ -78,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="efficientnet_lite0 | open_clip:MODEL[:PRETRAINED] | timm:NAME[:random]")
     se.add_argument("--batch-size", type=int, default=64)
     se.add_argument("--device", default="cpu")
+    _no_progress(se)
 
     sv = sub.add_parser("verify", help="check a dataset against its manifest (exit 1 naming bad shards)")
     sv.add_argument("dataset")
@@ -96,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     sf.add_argument("--clip-model", help="score samples that lack clip_score with this open_clip model")
     sf.add_argument("--clip-pretrained")
     sf.add_argument("--clip-device", default="cpu")
+    sf.add_argument("--clip-batch-size", type=int, default=64)
+    _no_progress(sf)
 
     fe = sub.add_parser("fetch-eval-data", help="download the SentEval STS suite into DIR")
     fe.add_argument("dir")
@@ -111,14 +156,16 @@ def _shard_pairs(args: argparse.Namespace) -> Any:
 
     opts = FilterOptions(min_caption_chars=args.min_caption_chars, min_caption_words=args.min_caption_words,
                          max_caption_chars=args.max_caption_chars, min_side=args.min_side,
-                         max_aspect=args.max_aspect, max_pixels=args.max_pixels)
+                         max_aspect=args.max_aspect, max_pixels=args.max_pixels, verify_decode=args.verify_decode)
     images = ImageOptions(max_side=args.max_side, jpeg_quality=args.jpeg_quality, reencode=args.reencode)
-    download = DownloadOptions(timeout=args.timeout, retries=args.retries, max_bytes=args.max_image_bytes,
-                               max_redirects=args.max_redirects, threads=args.download_threads)
+    download = DownloadOptions(timeout=args.timeout, retries=args.retries, backoff=args.retry_backoff,
+                               max_bytes=args.max_image_bytes, max_redirects=args.max_redirects,
+                               threads=args.download_threads, user_agent=args.user_agent)
     clip = None
     if args.clip_model:
         clip = ClipOptions(model=args.clip_model, pretrained=args.clip_pretrained, threshold=args.clip_threshold,
-                           top_fraction=args.clip_top_fraction, device=args.clip_device)
+                           top_fraction=args.clip_top_fraction, device=args.clip_device,
+                           batch_size=args.clip_batch_size)
     elif args.clip_threshold is not None or args.clip_top_fraction is not None:
         raise ValueError("--clip-threshold/--clip-top-fraction need --clip-model")
     return commands.shard_pairs(
@@ -126,7 +173,10 @@ def _shard_pairs(args: argparse.Namespace) -> Any:
         input_format=args.input_format, image_root=args.image_root, strict=args.strict, filters=opts,
         dedup=args.dedup, near_dup_distance=args.near_dup_distance if args.near_dup_distance >= 0 else None,
         images=images, download=download, clip=clip, workers=args.workers, chunk_size=args.chunk_size,
-        max_count=args.shard_size, overwrite=args.overwrite, resume=args.resume)
+        max_count=args.shard_size, max_bytes=args.shard_bytes, overwrite=args.overwrite, resume=args.resume,
+        progress=args.progress, group_by_image=args.group_by_image, allow_outside_paths=args.allow_outside_paths,
+        eval_sts=args.eval_sts, eval_images=args.eval_images, eval_near_dup_distance=args.eval_near_dup_distance,
+        part=args.part, parts=args.parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,13 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "shard-pairs":
             summary = _shard_pairs(args)
+        elif args.verb == "merge":
+            from data_tools.parts import merge
+
+            summary = merge(args.dataset, overwrite=args.overwrite, keep_parts=args.keep_parts,
+                            progress=args.progress)
         elif args.verb == "shard-text":
             summary = commands.shard_text(args.inputs, args.out, min_chars=args.min_chars,
-                                          dedup=args.dedup, max_count=args.shard_size,
-                                          overwrite=args.overwrite)
+                                          dedup=args.dedup, max_count=args.shard_size, max_bytes=args.shard_bytes,
+                                          overwrite=args.overwrite, strict=args.strict, progress=args.progress)
         elif args.verb == "embed":
             summary = commands.embed(args.dataset, args.encoder, batch_size=args.batch_size,
-                                     device=args.device)
+                                     device=args.device, progress=args.progress)
         elif args.verb == "verify":
             from data_tools.check import verify
 
@@ -162,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "filter-clip":
             from data_tools.clip_filter import ClipOptions, filter_clip
 
-            clip = (ClipOptions(model=args.clip_model, pretrained=args.clip_pretrained, device=args.clip_device)
-                    if args.clip_model else None)
+            clip = (ClipOptions(model=args.clip_model, pretrained=args.clip_pretrained, device=args.clip_device,
+                                batch_size=args.clip_batch_size) if args.clip_model else None)
             summary = filter_clip(args.dataset, top_fraction=args.top_fraction, threshold=args.threshold,
-                                  clip=clip)
+                                  clip=clip, progress=args.progress)
         else:
             from data_tools.evaldata import fetch_eval_data
 

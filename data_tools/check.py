@@ -6,8 +6,13 @@ that sizes.json agrees. ``--decode`` additionally decodes every member (image fu
 UTF-8 text, ``emb.npy`` without pickle at the manifest's dimension), which is what a
 training job would otherwise discover hours in. Problems name the shard (and sample).
 
-stats summarises counts, drop reasons, caption lengths and image sizes from the sample json,
-so it needs no image decode; ``--plot`` draws the histograms with matplotlib's Agg backend.
+A rewrite in progress (``embed``, ``filter-clip``: new shard files first, the manifest last)
+is reported as pending, not as a problem: the manifest still lists complete files. Keys
+must be unique across the whole dataset (checked with 8-byte hashes, 8 bytes per sample).
+
+stats summarises counts, drop reasons, caption lengths (over every caption of every sample)
+and image sizes from the sample json, so it needs no image decode; ``--plot`` draws the
+histograms with matplotlib's Agg backend.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from data_tools.shards import MANIFEST, SIZES, file_sha256, load_manifest
+from data_tools.shards import CLIP_STATE, EMBED_STATE, MANIFEST, SIZES, file_sha256, load_manifest
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 ALLOWED_MEMBERS = (*IMAGE_MEMBERS, "txt", "json", "emb.npy")
@@ -75,8 +80,8 @@ def _decode_member(ext: str, data: bytes, emb_dim: int | None) -> str | None:
     return None
 
 
-def _check_tar(path: Path, kind: str, decode: bool, emb_dim: int | None) -> tuple[int, list[str]]:
-    """(samples, problems) of one shard, read with tarfile (no webdataset: nothing decoded
+def _check_tar(path: Path, kind: str, decode: bool, emb_dim: int | None) -> tuple[list[str], list[str]]:
+    """(keys, problems) of one shard, read with tarfile (no webdataset: nothing decoded
     by extension, no pickle, links and nested names reported instead of followed)."""
     problems: list[str] = []
     keys: list[str] = []
@@ -107,7 +112,7 @@ def _check_tar(path: Path, kind: str, decode: bool, emb_dim: int | None) -> tupl
                         problems.append(f"{path.name}: {key}: {problem}")
     except (tarfile.TarError, EOFError, OSError) as exc:
         problems.append(f"{path.name}: not a readable tar ({type(exc).__name__}: {exc})")
-        return len(keys), problems
+        return keys, problems
     for key, exts in members.items():
         if "txt" not in exts:
             problems.append(f"{path.name}: {key}: no .txt member")
@@ -115,7 +120,45 @@ def _check_tar(path: Path, kind: str, decode: bool, emb_dim: int | None) -> tupl
             problems.append(f"{path.name}: {key}: no image member")
         if emb_dim is not None and "emb.npy" not in exts:
             problems.append(f"{path.name}: {key}: no emb.npy although the manifest names an image encoder")
-    return len(keys), problems
+    return keys, problems
+
+
+def _key_hash(key: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+def _pending(folder: Path, manifest: dict[str, Any], rep: VerifyReport) -> tuple[set[str], dict[str, int] | None]:
+    """Notes on a rewrite in progress; (its new shard files, the sizes.json it may have
+    written already) so neither counts as a problem."""
+    files: set[str] = set()
+    sizes: dict[str, int] | None = None
+    listed = [s["name"] for s in manifest["shards"]]
+    for state_name, verb in ((EMBED_STATE, "embed"), (CLIP_STATE, "filter-clip")):
+        path = folder / state_name
+        if not path.is_file():
+            continue
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            rep.notes.append(f"{state_name}: unreadable ({exc}); the manifest's shards are what readers use")
+            continue
+        done = [e["shard"] for e in (state.get("done") or {}).values() if e.get("shard")]
+        files |= {e["name"] for e in done}
+        what = f"{verb}" + (f" --encoder {state['encoder']}" if state.get("encoder") else "")
+        if state.get("new_names") == listed:
+            old = [n for n in state.get("replaces", []) if n not in listed and (folder / n).exists()]
+            files |= set(old)
+            rep.notes.append(f"pending: {verb} committed its manifest; {len(old)} replaced shard file(s) not deleted "
+                             f"yet (run `webmcse-data {what} {folder}` again to finish)")
+        else:
+            if state.get("new_names"):
+                sizes = {e["name"]: e["n_samples"] for e in done}
+            rep.notes.append(f"pending: {verb} has written {len(done)} of {len(state.get('replaces', listed))} "
+                             f"shard(s) under new names; the manifest still lists the previous, complete shards "
+                             f"(run `webmcse-data {what} {folder}` to finish)")
+    return files, sizes
 
 
 def verify(dataset: str | Path, decode: bool = False) -> VerifyReport:
@@ -125,12 +168,14 @@ def verify(dataset: str | Path, decode: bool = False) -> VerifyReport:
     enc = manifest.get("image_encoder")
     emb_dim = int(enc["dim"]) if isinstance(enc, dict) and enc.get("dim") else None
     listed = {s["name"] for s in manifest["shards"]}
+    pending_files, pending_sizes = _pending(folder, manifest, rep)
     try:
         sizes = json.loads((folder / SIZES).read_text(encoding="utf-8"))
-        if sizes != {s["name"]: s["n_samples"] for s in manifest["shards"]}:
+        if sizes != {s["name"]: s["n_samples"] for s in manifest["shards"]} and sizes != pending_sizes:
             rep.problems.append(f"{SIZES}: disagrees with {MANIFEST}")
     except (OSError, json.JSONDecodeError) as exc:
         rep.problems.append(f"{SIZES}: unreadable ({exc})")
+    key_hashes: list[int] = []
     total = 0
     for entry in manifest["shards"]:
         name = entry["name"]
@@ -148,7 +193,9 @@ def verify(dataset: str | Path, decode: bool = False) -> VerifyReport:
         digest = file_sha256(path)
         if digest != entry["sha256"]:
             rep.problems.append(f"{name}: sha256 {digest[:12]}… does not match the manifest's {entry['sha256'][:12]}…")
-        n, problems = _check_tar(path, manifest["kind"], decode, emb_dim)
+        keys, problems = _check_tar(path, manifest["kind"], decode, emb_dim)
+        n = len(keys)
+        key_hashes.extend(_key_hash(k) for k in keys)
         rep.problems.extend(problems)
         rep.n_samples += n
         if n != entry["n_samples"]:
@@ -156,12 +203,44 @@ def verify(dataset: str | Path, decode: bool = False) -> VerifyReport:
         total += entry["n_samples"]
     if "n_samples" in manifest and manifest["n_samples"] != total:
         rep.problems.append(f"{MANIFEST}: n_samples {manifest['n_samples']} but its shards hold {total}")
-    extra = sorted(p.name for p in folder.glob("*.tar") if p.name not in listed)
+    _duplicate_keys(folder, manifest, key_hashes, rep)
+    extra = sorted(p.name for p in folder.glob("*.tar") if p.name not in listed and p.name not in pending_files)
     if extra:
         rep.notes.append(f"{len(extra)} tar file(s) not in the manifest (ignored by readers): {', '.join(extra[:5])}")
     for tmp in folder.glob(".*.tmp"):
         rep.notes.append(f"{tmp.name}: leftover temp file of an interrupted write")
     return rep
+
+
+def _duplicate_keys(folder: Path, manifest: dict[str, Any], hashes: list[int], rep: VerifyReport) -> None:
+    """Keys repeated anywhere in the dataset (a reader would merge or confuse the samples).
+    Sorted 8-byte hashes find candidates; a second pass names the actual keys."""
+    if len(hashes) < 2:
+        return
+    arr = np.sort(np.array(hashes, dtype=np.uint64))
+    dup = set(arr[1:][arr[1:] == arr[:-1]].tolist())
+    if not dup:
+        return
+    seen: dict[str, str] = {}
+    named = 0
+    for entry in manifest["shards"]:
+        path = folder / entry["name"]
+        if not path.is_file():
+            continue
+        try:
+            keys, _ = _check_tar(path, manifest["kind"], False, None)
+        except Exception:
+            continue
+        for key in dict.fromkeys(keys):
+            if _key_hash(key) not in dup:
+                continue
+            if key in seen and seen[key] != entry["name"]:
+                named += 1
+                if named <= 10:
+                    rep.problems.append(f"{entry['name']}: key {key!r} also used in {seen[key]} (keys must be unique)")
+            seen.setdefault(key, entry["name"])
+    if named > 10:
+        rep.problems.append(f"... {named - 10} more keys used in more than one shard")
 
 
 # --- stats --------------------------------------------------------------------------------------
@@ -193,7 +272,7 @@ class Stats:
         enc = m.get("image_encoder")
         if enc:
             lines.append(f"  image features: {enc.get('name')} ({enc.get('dim')}-d)")
-        lines.append(f"  scanned {self.scanned} samples")
+        lines.append(f"  scanned {self.scanned} samples, {len(self.caption_words)} captions")
         lines.append("  " + _describe("caption words", self.caption_words))
         lines.append("  " + _describe("caption chars", self.caption_chars))
         if self.captions_per_sample:
@@ -230,16 +309,21 @@ def stats(dataset: str | Path, plot: str | Path | None = None, limit: int | None
             if limit is not None and st.scanned >= limit:
                 break
             st.scanned += 1
-            text = sample.get("txt", b"").decode("utf-8", "replace")
-            st.caption_words.append(len(text.split()))
-            st.caption_chars.append(len(text))
+            captions = [sample.get("txt", b"").decode("utf-8", "replace")]
+            meta: Any = None
             if "json" in sample:
                 try:
                     meta = json.loads(sample["json"])
                 except (json.JSONDecodeError, UnicodeDecodeError):
-                    continue
-                caps = meta.get("captions")
-                st.captions_per_sample[len(caps) if isinstance(caps, list) else 1] += 1
+                    meta = None
+            if isinstance(meta, dict) and isinstance(meta.get("captions"), list) \
+                    and all(isinstance(c, str) for c in meta["captions"]) and meta["captions"]:
+                captions = meta["captions"]
+            for text in captions:
+                st.caption_words.append(len(text.split()))
+                st.caption_chars.append(len(text))
+            st.captions_per_sample[len(captions)] += 1
+            if isinstance(meta, dict):
                 if isinstance(meta.get("width"), int) and isinstance(meta.get("height"), int):
                     st.widths.append(meta["width"])
                     st.heights.append(meta["height"])

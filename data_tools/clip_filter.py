@@ -26,9 +26,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_tools.commands import Summary
+from data_tools.commands import Summary, finish_rewrite, generation_name
 from data_tools.filters import DropCounter
 from data_tools.shards import (
+    CLIP_STATE,
     MANIFEST,
     DatasetError,
     ShardWriter,
@@ -37,10 +38,8 @@ from data_tools.shards import (
     load_manifest,
     read_shard,
     shard_dicts,
-    write_manifest,
 )
 
-CLIP_STATE = ".clip_state.json"
 DROP_REASON = "clip_score_low"
 
 
@@ -125,12 +124,14 @@ def filter_clip(
     clip: ClipOptions | None = None,
     progress: bool = True,
 ) -> Summary:
-    """Keep the best-scoring pairs of a pairs dataset, rewriting its shards in place.
+    """Keep the best-scoring pairs of a pairs dataset, rewriting its shards.
 
     Scores come from each sample's ``clip_score``; samples without one are scored with
-    ``clip`` (an error if none is given). Shards are rewritten one by one (temp + rename);
+    ``clip`` (an error if none is given). Like ``embed``, shards are rewritten one by one
+    into *new* files (``NNNNNN-gG.tar``), the manifest that lists them replaces the old one
+    last, and the old files are deleted after it, so the dataset is valid at every instant;
     ``.clip_state.json`` holds the cut and the shards done, so a killed run resumes with the
-    same cut. The manifest is rewritten last.
+    same cut.
     """
     if (top_fraction is None) == (threshold is None):
         raise ValueError("filter-clip needs exactly one of --top-fraction / --threshold")
@@ -144,10 +145,19 @@ def filter_clip(
               "shards": [s["sha256"] for s in manifest["shards"]]}
     state_path = folder / CLIP_STATE
     state: dict[str, Any] = {}
+    listed = [s["name"] for s in manifest["shards"]]
     if state_path.is_file():
         state = json.loads(state_path.read_text(encoding="utf-8"))
+        if state.get("new_names") == listed:  # killed after the manifest swap: only cleanup is left
+            finish_rewrite(folder, manifest, state_path, state.get("replaces", []))
+            n = sum(s["n_samples"] for s in manifest["shards"])
+            return Summary("filter-clip", folder, n, n, {}, len(listed))
         if state.get("params") != params:
+            for entry in (state.get("done") or {}).values():
+                if entry.get("shard") and entry["shard"]["name"] not in listed:
+                    (folder / entry["shard"]["name"]).unlink(missing_ok=True)
             state = {}
+    generation = int(manifest.get("generation", 0)) + 1
     scorer = ClipScorer(clip) if clip is not None else None
     new_scores: dict[str, dict[str, float]] = {}
     if not state:
@@ -182,8 +192,8 @@ def filter_clip(
         else:
             assert top_fraction is not None
             cut, ties = _cut(scores, top_fraction)
-        state = {"params": params, "cut": cut, "ties_left": ties, "done": {},
-                 "model": clip.to_dict() if clip else None, "new_scores": new_scores}
+        state = {"params": params, "cut": cut, "ties_left": ties, "done": {}, "generation": generation,
+                 "replaces": listed, "model": clip.to_dict() if clip else None, "new_scores": new_scores}
         atomic_write_json(state_path, state)
     cut, ties = float(state["cut"]), int(state["ties_left"])
     added = state.get("new_scores", {})
@@ -194,13 +204,15 @@ def filter_clip(
         name = shard["name"]
         prev = done.get(name)
         if prev is not None:
-            if prev["shard"] is not None and file_sha256(folder / name) != prev["shard"]["sha256"]:
-                raise DatasetError(f"{folder / name}: changed since filter-clip rewrote it; rebuild the dataset")
+            if prev["shard"] is not None and file_sha256(folder / prev["shard"]["name"]) != prev["shard"]["sha256"]:
+                raise DatasetError(f"{folder / prev['shard']['name']}: changed since filter-clip wrote it; "
+                                   f"delete {state_path.name} and run filter-clip again")
             if prev["shard"] is not None:
                 new_shards.append(prev["shard"])
             drops.update(prev["dropped"])
             continue
-        writer = ShardWriter(folder, max_count=math.inf, start_index=int(name.split(".")[0]))
+        writer = ShardWriter(folder, max_count=math.inf, start_index=len(done),
+                             name=lambda i: generation_name(i, int(state["generation"])))
         shard_drops = DropCounter()
         try:
             for sample in read_shard(folder / name):
@@ -223,10 +235,8 @@ def filter_clip(
         except BaseException:
             writer.abort()
             raise
-        entry = shard_dicts(written)[0] if written else None
-        if entry is None:
-            (folder / name).unlink(missing_ok=True)  # every sample dropped: no empty shard
-        else:
+        entry = shard_dicts(written)[0] if written else None  # every sample dropped: no empty shard
+        if entry is not None:
             new_shards.append(entry)
         drops.update(shard_drops)
         done[name] = {"shard": entry, "dropped": dict(shard_drops)}
@@ -243,11 +253,10 @@ def filter_clip(
     filters["clip"] = {**(filters.get("clip") or {}), "threshold": cut, "top_fraction": top_fraction,
                        "mode": "threshold" if threshold is not None else "top_fraction",
                        **({"model": clip.model, "pretrained": clip.pretrained} if clip else {})}
-    manifest.update({"shards": new_shards, "filters": filters,
+    manifest.update({"shards": new_shards, "filters": filters, "generation": int(state["generation"]),
                      "counts": {**counts, "written": written_n, "dropped": dropped}})
-    for k in ("format", "version", "created", "n_samples"):
-        manifest.pop(k, None)
-    write_manifest(folder, manifest)
-    state_path.unlink(missing_ok=True)
-    before = sum(s["n_samples"] for s in load_manifest(folder)["shards"]) + sum(drops.values())
+    state["new_names"] = [s["name"] for s in new_shards]
+    atomic_write_json(state_path, state)
+    finish_rewrite(folder, manifest, state_path, state["replaces"])
+    before = written_n + sum(drops.values())
     return Summary("filter-clip", folder, before, written_n, dict(drops), len(new_shards))

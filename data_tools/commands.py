@@ -1,9 +1,11 @@
 """The data_tools verbs: shard-pairs, shard-text, embed (filter-clip lives in clip_filter.py,
-verify and stats in check.py, fetch-eval-data in evaldata.py).
+verify and stats in check.py, fetch-eval-data in evaldata.py, merge in parts.py).
 
 Each verb streams its input once, shows a progress bar, counts every dropped record by
-reason, and ends with a summary. Output goes through :mod:`data_tools.shards`, so shards are
-atomic and the manifest is written last.
+reason (with the first record locations per reason), and ends with a summary. Output goes
+through :mod:`data_tools.shards`, so shards are atomic and the manifest is written last.
+No single record can stop a run: whatever goes wrong with one record is a counted drop;
+only ``--strict`` stops, naming the file and line.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import json
 import logging
 import math
+import shutil
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,12 +25,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.dedup import NEAR_DUP_DEFAULT, DedupMode, NearDupIndex, SeenSet, pair_identity, phash_hex, sha256_hex
+from data_tools.dedup import NEAR_DUP_DEFAULT, DedupMode, NearDupIndex, SeenSet, identity_digest, phash_hex, sha256_hex
 from data_tools.download import DownloadOptions
 from data_tools.filters import DropCounter, FilterOptions, ImageOptions, normalize_caption
-from data_tools.pipeline import PrepareConfig, Prepared, ordered_map, prefetch, prepare_chunk
+from data_tools.pipeline import PrepareConfig, Prepared, ordered_map, prefetch, prepare_chunk, rescue_chunk
 from data_tools.shards import (
+    CLIP_STATE,
+    EMBED_STATE,
     MANIFEST,
+    PARTS_DIR,
+    SHARD_STATE,
+    SIZES,
     DatasetError,
     ShardWriter,
     atomic_write_json,
@@ -37,15 +45,29 @@ from data_tools.shards import (
     shard_dicts,
     write_manifest,
 )
-from data_tools.sources import InputError, ReadNotes, read_pairs, read_sentences
+from data_tools.sources import (
+    STRICT_READ_REASONS,
+    InputError,
+    ReadNotes,
+    check_inputs,
+    clean_key,
+    partition,
+    read_pairs,
+    read_sentences,
+)
 
 if TYPE_CHECKING:
     from data_tools.clip_filter import ClipOptions
+    from data_tools.evalfilter import EvalFilter
 
 log = logging.getLogger("webmcse.data")
 TOOL = "webmcse-data"
 _WARN_LIMIT = 5  # per-record warnings shown before only counting
-EMBED_STATE = ".embed_state.json"
+EXAMPLES = 3  # drop examples (record locations) kept per reason in the manifest
+
+#: Every reason --strict stops at: malformed input records and failures of the tool itself
+#: (not content filters such as image_too_small, nor the web's own 404s).
+STRICT_REASONS = (*STRICT_READ_REASONS, "text_unencodable", "worker_error", "worker_crashed")
 
 
 @dataclass
@@ -65,23 +87,47 @@ class Summary:
         return "\n".join(lines)
 
 
-def _check_inputs(inputs: list[str | Path]) -> None:
-    if not inputs:
-        raise InputError("no inputs given")
-    for p in inputs:
-        if not Path(p).exists():
-            raise InputError(f"{p}: no such file or folder")
+# --- output folder safety ---------------------------------------------------------------------
+
+
+def check_no_overlap(inputs: Iterable[str | Path | None], out: str | Path) -> None:
+    """Refuse, before anything is written, an output folder that is an input, lies inside an
+    input folder, or holds an input: ``--overwrite``/``--resume`` delete tars and manifests
+    in the output folder, and an img2dataset input *is* a folder of tars."""
+    o = Path(out).resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        p = Path(item).resolve()
+        if p == o or (p.is_dir() and p in o.parents) or o in p.parents:
+            raise InputError(f"--out {out} overlaps the input {item}; choose an output folder outside every "
+                             f"input (nothing was written)")
+
+
+def _ours(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file() or (folder / SHARD_STATE).is_file()
+
+
+def _clear(out: Path) -> None:
+    """Delete what our verbs write in ``out`` (and only that)."""
+    for p in list(out.glob("*.tar")) + list(out.glob(".*.tmp")) + list(out.glob("*.index.parquet")):
+        p.unlink()
+    for name in (MANIFEST, SIZES, EMBED_STATE, SHARD_STATE, CLIP_STATE, "part.json"):
+        (out / name).unlink(missing_ok=True)
+    if (out / PARTS_DIR).is_dir():
+        shutil.rmtree(out / PARTS_DIR)
 
 
 def _prepare_out(out_dir: Path, overwrite: bool) -> None:
-    if (out_dir / MANIFEST).exists() or any(out_dir.glob("*.tar")):
+    tars = list(out_dir.glob("*.tar")) if out_dir.is_dir() else []
+    if _ours(out_dir) or (out_dir / "part.json").is_file() or (out_dir / PARTS_DIR).is_dir():
         if not overwrite:
             raise InputError(f"{out_dir}: already holds a dataset; pass --overwrite to replace it "
                              f"or choose another --out folder")
-        for p in list(out_dir.glob("*.tar")) + list(out_dir.glob(".*.tmp")):
-            p.unlink()
-        for name in (MANIFEST, "sizes.json", EMBED_STATE, SHARD_STATE, ".clip_state.json"):
-            (out_dir / name).unlink(missing_ok=True)
+        _clear(out_dir)
+    elif tars:
+        raise InputError(f"{out_dir}: holds {len(tars)} tar file(s) but no webmcse manifest or run state (another "
+                         f"tool's output?); choose an empty or new --out folder (nothing was deleted)")
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -107,14 +153,39 @@ def _unique_key(key: str, keys: SeenSet) -> str:
     return candidate
 
 
-SHARD_STATE = ".shard_state.json"
-_EXAMPLES = 3  # drop examples (record locations) kept per reason in the manifest
+class Examples:
+    """The first :data:`EXAMPLES` record locations per drop reason, by input position, so
+    the parts of a partitioned run combine into exactly what one machine records."""
+
+    def __init__(self, saved: dict[str, list[Any]] | None = None) -> None:
+        self.by_reason: dict[str, list[tuple[tuple[int, int], str]]] = {
+            r: [((int(p[0]), int(p[1])), s) for p, s in items] for r, items in (saved or {}).items()}
+
+    def add(self, reason: str, pos: tuple[int, int], source: str) -> None:
+        items = self.by_reason.setdefault(reason, [])
+        if len(items) < EXAMPLES:
+            items.append((pos, source))
+        elif pos < items[-1][0]:
+            items[-1] = (pos, source)
+            items.sort()
+
+    def merge(self, other: Examples) -> None:
+        for reason, items in other.by_reason.items():
+            for pos, source in items:
+                self.add(reason, pos, source)
+
+    def to_state(self) -> dict[str, list[Any]]:
+        return {r: [[list(p), s] for p, s in items] for r, items in self.by_reason.items()}
+
+    def to_manifest(self) -> dict[str, list[str]]:
+        return {r: [s for _, s in sorted(items)] for r, items in self.by_reason.items()}
 
 
 class _DedupState:
     """Everything the ordered writer remembers across the dataset: exact identities, the
     near-duplicate index and the keys in use. Identities are recorded only when a sample is
-    *written*, so the state after shard k can be rebuilt from shards 0..k alone (resume)."""
+    *written*, so the state after shard k can be rebuilt from shards 0..k alone (resume).
+    The merge of a partitioned run replays the very same state over the parts' indexes."""
 
     def __init__(self, mode: DedupMode, near_distance: int | None) -> None:
         self.mode = mode
@@ -122,18 +193,16 @@ class _DedupState:
         self.keys = SeenSet()
         self.near = NearDupIndex(near_distance) if near_distance is not None else None
 
-    def problem(self, rec: Prepared) -> str | None:
-        ident = pair_identity(self.mode, rec.sha256, rec.captions)
-        if ident is not None and ident in self.ids:
+    def problem(self, ident: bytes | None, phash: int | None) -> str | None:
+        if ident is not None and self.ids.has_digest(ident):
             return "duplicate"
-        if self.near is not None and rec.phash is not None and self.near.find(rec.phash) is not None:
+        if self.near is not None and phash is not None and self.near.find(phash) is not None:
             return "near_duplicate"
         return None
 
-    def commit(self, sha256: str, captions: list[str], phash: int | None) -> None:
-        ident = pair_identity(self.mode, sha256, captions)
+    def commit(self, ident: bytes | None, phash: int | None) -> None:
         if ident is not None:
-            self.ids.add(ident)
+            self.ids.add_digest(ident)
         if self.near is not None and phash is not None:
             self.near.add(phash)
 
@@ -146,7 +215,8 @@ class _DedupState:
             for sample in read_shard(folder / name):
                 meta = json.loads(sample["json"])
                 phash = meta.get("phash")
-                self.commit(meta["sha256"], meta["captions"], int(phash, 16) if phash else None)
+                self.commit(identity_digest(self.mode, meta["sha256"], meta["captions"]),
+                            int(phash, 16) if phash else None)
                 self.keys.add(sample["__key__"])
 
 
@@ -160,16 +230,14 @@ def _start_or_resume(out: Path, overwrite: bool, resume: bool, fingerprint: str)
     """Prepare ``out``. Returns the saved state of an interrupted run to continue, or None.
 
     Completed shards listed in the state (and still byte-identical) are kept; anything else
-    — the temp file of the shard in progress, a shard renamed just before the kill but not
-    yet recorded — is deleted and redone, which reproduces it exactly.
+    our run wrote — the temp file of the shard in progress, a shard renamed just before the
+    kill but not yet recorded — is deleted and redone, which reproduces it exactly. A folder
+    with tars but neither a state nor a manifest is not ours and is never touched.
     """
     if not resume:
         _prepare_out(out, overwrite)
         return None
-    out.mkdir(parents=True, exist_ok=True)
     state_path = out / SHARD_STATE
-    for tmp in out.glob(".*.tmp"):
-        tmp.unlink()
     state: dict[str, Any] | None = None
     if state_path.is_file():
         state = json.loads(state_path.read_text(encoding="utf-8"))
@@ -182,14 +250,43 @@ def _start_or_resume(out: Path, overwrite: bool, resume: bool, fingerprint: str)
                 raise InputError(f"{path}: missing or changed since the interrupted run wrote it; "
                                  f"use --overwrite to start over")
         keep = {entry["name"] for entry in state["shards"]}
-    elif (out / MANIFEST).is_file():
+        keep |= {entry["index"] for entry in state["shards"] if entry.get("index")}
+    elif (out / MANIFEST).is_file() or (out / "part.json").is_file():
         return {"complete": True}
+    elif out.is_dir() and any(out.glob("*.tar")):
+        raise InputError(f"{out}: holds tar files but no {SHARD_STATE} (not an interrupted shard-pairs run); "
+                         f"nothing to resume there — choose an empty or new --out folder (nothing was deleted)")
     else:
-        keep = set()
-    for tar in out.glob("*.tar"):
-        if tar.name not in keep:
-            tar.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        return None
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink()
+    for p in list(out.glob("*.tar")) + list(out.glob("*.index.parquet")):
+        if p.name not in keep:
+            p.unlink()
     return state
+
+
+def _dataset_fields(inputs: list[str | Path], input_format: str, opts: FilterOptions, dedup: DedupMode,
+                    near: int | None, clip: ClipOptions | None, img_opts: ImageOptions, dl_opts: DownloadOptions,
+                    evalf: EvalFilter | None, group: bool, allow_outside: bool, fingerprint: str) -> dict[str, Any]:
+    """The manifest fields that depend only on the inputs and options (the same for one
+    machine and for the merge of a partitioned run)."""
+    return {
+        "kind": "pairs",
+        "tool": TOOL,
+        "inputs": [str(p) for p in inputs],
+        "input_format": input_format,
+        "filters": {**opts.to_dict(), "dedup": dedup, "near_dup_distance": near,
+                    "group_by_image": group, "allow_outside_paths": allow_outside,
+                    "eval": evalf.describe if evalf else None,
+                    "clip": ({"model": clip.model, "pretrained": clip.pretrained, "threshold": clip.threshold,
+                              "top_fraction": clip.top_fraction} if clip else None)},
+        "images": img_opts.to_dict(),
+        "download": dl_opts.to_dict(),
+        "image_encoder": None,
+        "fingerprint": fingerprint,
+    }
 
 
 def shard_pairs(
@@ -215,6 +312,13 @@ def shard_pairs(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
+    group_by_image: bool = True,
+    allow_outside_paths: bool = False,
+    eval_sts: str | Path | None = None,
+    eval_images: str | Path | None = None,
+    eval_near_dup_distance: int = NEAR_DUP_DEFAULT,
+    part: int | None = None,
+    parts: int | None = None,
 ) -> Summary:
     """Images + captions (tables of paths or URLs, folders, img2dataset output, COCO json)
     -> clean, globally deduplicated pair shards.
@@ -223,6 +327,10 @@ def shard_pairs(
     ``workers`` processes) and then through one ordered writer that does the global exact
     and near-duplicate checks, so the shards are byte-identical for any ``workers``.
     With ``resume`` a killed run continues after its last completed shard.
+
+    With ``part``/``parts`` this process handles only the records whose image reference
+    hashes to ``part`` (see :mod:`data_tools.parts`): it writes that part's shards and
+    identity index under ``OUT/parts/`` and leaves dedup and keys to ``merge``.
     """
     out = Path(out_dir)
     opts = filters or FilterOptions()
@@ -230,42 +338,62 @@ def shard_pairs(
     dl_opts = download or DownloadOptions()
     near = near_dup_distance if (near_dup_distance is not None and near_dup_distance >= 0
                                  and dedup == "image") else None
-    if workers < 1 or chunk_size < 1:
-        raise InputError(f"--workers ({workers}) and --chunk-size ({chunk_size}) must be at least 1")
-    _check_inputs(inputs)
+    if workers < 1 or chunk_size < 1 or max_count < 1:
+        raise InputError(f"--workers ({workers}), --chunk-size ({chunk_size}) and --shard-size ({max_count}) "
+                         f"must be at least 1")
+    if (part is None) != (parts is None) or (parts is not None and not (parts >= 1 and 0 <= part < parts)):
+        raise InputError(f"--part {part} --parts {parts}: give both, with 0 <= part < parts")
+    if eval_images is not None and not opts.verify_decode:
+        raise InputError("--eval-images compares decoded images (phash); it cannot be used with --no-verify-decode")
+    check_no_overlap([*inputs, image_root, eval_sts, eval_images], out)
+    check_inputs(inputs, image_col, caption_col, key_col, input_format=input_format)
+    from data_tools.evalfilter import EvalFilter
+
+    evalf = EvalFilter.load(eval_sts, eval_images, eval_near_dup_distance)
     options = {"image_col": image_col, "caption_col": caption_col, "key_col": key_col,
                "input_format": input_format, "image_root": str(image_root) if image_root else None,
                "filters": {**opts.to_dict(), "dedup": dedup, "near_dup_distance": near},
                "images": img_opts.to_dict(), "clip": clip.to_dict() if clip else None,
-               "chunk_size": chunk_size, "max_count": max_count, "max_bytes": max_bytes}
+               "chunk_size": chunk_size, "max_count": max_count, "max_bytes": max_bytes,
+               "group_by_image": group_by_image, "allow_outside_paths": allow_outside_paths,
+               "eval": evalf.describe["digest"] if evalf else None}
     fingerprint = _fingerprint(inputs, options)
-    state = _start_or_resume(out, overwrite, resume, fingerprint)
-    if state is not None and state.get("complete"):
-        m = load_manifest(out)
-        if m.get("fingerprint") not in (None, fingerprint):
-            raise InputError(f"{out}: complete, but built from other inputs or options; use --overwrite "
-                             f"to rebuild it or choose another --out")
-        if clip is not None and clip.top_fraction is not None \
-                and (m.get("filters", {}).get("clip") or {}).get("mode") != "top_fraction":
-            from data_tools.clip_filter import filter_clip
+    fields = _dataset_fields(inputs, input_format, opts, dedup, near, clip, img_opts, dl_opts, evalf,
+                             group_by_image, allow_outside_paths, fingerprint)
+    part_mode = parts is not None
+    if part_mode:
+        from data_tools import parts as partlib
 
-            log.info("%s: sharding was complete; finishing the CLIP top-fraction pass", out)
-            filter_clip(out, top_fraction=clip.top_fraction, progress=progress)
+        assert part is not None and parts is not None
+        folder = partlib.prepare_part(out, part, parts, fingerprint, overwrite)
+        if folder is None:  # merged already: the parts are gone and nothing is left to do
             m = load_manifest(out)
-        c = m.get("counts", {})
-        log.info("%s: already complete; nothing to resume", out)
-        return Summary("pairs", out, c.get("seen", 0), m["n_samples"], c.get("dropped", {}), len(m["shards"]))
+            c = m.get("counts", {})
+            log.info("%s: the partitioned run is merged already; nothing to do", out)
+            return Summary("pairs", out, c.get("seen", 0), m["n_samples"], c.get("dropped", {}), len(m["shards"]))
+    else:
+        folder = out
+    state = _start_or_resume(folder, overwrite, resume, fingerprint)
+    if state is not None and state.get("complete"):
+        return _already_complete(folder, fingerprint, clip, progress, part_mode)
     state = state or {}
     done_shards: list[dict[str, Any]] = state.get("shards", [])
-    start = int(state.get("consumed", 0))
+    start = tuple(state["consumed"]) if state.get("consumed") is not None else None
     drops = DropCounter(state.get("dropped", {}))
-    examples: dict[str, list[str]] = state.get("examples", {})
-    dd = _DedupState(dedup, near)
+    examples = Examples(state.get("examples"))
+    dd = _DedupState("none" if part_mode else dedup, None if part_mode else near)
+    index = partlib.IndexWriter(folder, dedup) if part_mode else None
     if done_shards:
-        log.info("%s: resuming after %d completed shard(s), input record %d", out, len(done_shards), start)
-        dd.replay(out, [s["name"] for s in done_shards])
+        log.info("%s: resuming after %d completed shard(s), input record %s", folder, len(done_shards), start)
+        if index is not None:
+            index.replay_keys(dd.keys, [s["index"] for s in done_shards])
+        else:
+            dd.replay(folder, [s["name"] for s in done_shards])
     written = sum(s["n_samples"] for s in done_shards)
-    seen = start
+    seen = int(state.get("seen", 0))
+    eval_removed = int(state.get("eval_captions_removed", 0))
+    if evalf is not None:
+        evalf.captions_removed = eval_removed
     scorer = None
     if clip is not None:
         from data_tools.clip_filter import ClipScorer
@@ -273,67 +401,97 @@ def shard_pairs(
         scorer = ClipScorer(clip)
     notes = ReadNotes()
     warn = _Warner()
-    writer = ShardWriter(out, max_count=max_count, max_bytes=max_bytes, start_index=len(done_shards))
+    writer = ShardWriter(folder, max_count=max_count, max_bytes=max_bytes, start_index=len(done_shards))
     cfg = PrepareConfig(filters=opts, images=img_opts, download=dl_opts, phash=True)
     records = read_pairs(inputs, image_col, caption_col, key_col, input_format=input_format,
-                         image_root=image_root, strict=strict, notes=notes)
-    todo = prefetch(((i, p) for i, p in enumerate(records) if i >= start), cfg)
-    bar = tqdm(desc="shard-pairs", unit=" pairs", initial=start, disable=not progress)
+                         image_root=image_root, strict=strict, notes=notes, group=group_by_image,
+                         allow_outside=allow_outside_paths,
+                         select=partition(part, parts) if part_mode else None)  # type: ignore[arg-type]
+    todo = prefetch((p for p in records if start is None or p.pos > start), cfg)
+    bar = tqdm(desc="shard-pairs" + (f" part {part}/{parts}" if part_mode else ""), unit=" pairs",
+               initial=seen, disable=not progress)
 
-    def save_state(consumed: int) -> None:
-        atomic_write_json(out / SHARD_STATE, {
-            "fingerprint": fingerprint, "consumed": consumed, "dropped": dict(drops), "examples": examples,
-            "shards": done_shards + shard_dicts(writer.shards)})
+    def save_state(consumed: tuple[int, int] | None) -> None:
+        new = shard_dicts(writer.shards)
+        if index is not None:
+            for entry in new:
+                entry["index"] = index.name_for(entry["name"])
+        atomic_write_json(folder / SHARD_STATE, {
+            "fingerprint": fingerprint, "consumed": list(consumed) if consumed else None, "seen": seen,
+            "dropped": dict(drops), "examples": examples.to_state(),
+            "eval_captions_removed": evalf.captions_removed if evalf else 0, "shards": done_shards + new})
 
+    save_state(start)  # from now on the folder is recognisably an interrupted run of ours
     try:
-        for chunk in ordered_map(partial(prepare_chunk, cfg), _batches(todo, chunk_size), workers):
+        for chunk in ordered_map(partial(prepare_chunk, cfg), _batches(todo, chunk_size), workers,
+                                 on_crash=partial(rescue_chunk, cfg)):
+            if evalf is not None:
+                for rec in chunk:
+                    if rec.reason is None:
+                        rec.captions, rec.reason = evalf.check(rec.captions, rec.phash)
             if scorer is not None:
                 _clip_chunk(scorer, chunk, clip)
             for rec in chunk:
                 seen += 1
-                reason = rec.reason or dd.problem(rec)
+                reason = rec.reason
+                payload = _payload(rec) if reason is None else None
+                if reason is None and payload is None:
+                    reason = "text_unencodable"
+                    rec.detail = "a caption or column holds text that is not valid Unicode (lone surrogate)"
+                ident = None
+                if reason is None and not part_mode:
+                    ident = identity_digest(dedup, rec.sha256, rec.captions)
+                    reason = dd.problem(ident, rec.phash)
                 if reason is not None:
+                    if strict and reason in STRICT_REASONS:
+                        raise InputError(f"{rec.source}: {reason}{': ' + rec.detail if rec.detail else ''} "
+                                         f"(--strict; drop the flag to skip and count such records)")
                     drops.drop(reason)
-                    if len(examples.setdefault(reason, [])) < _EXAMPLES:
-                        examples[reason].append(rec.source)
+                    examples.add(reason, rec.pos, rec.source)
                     warn(rec.source, reason, rec.detail)
                     continue
-                dd.commit(rec.sha256, rec.captions, rec.phash)
+                assert payload is not None
+                dd.commit(ident, rec.phash)
                 key = dd.unique_key(rec.key)
                 n_done = len(writer.shards)
-                writer.write(_sample(key, rec))
+                writer.write({"__key__": key, **payload})
+                if index is not None:
+                    index.add(rec, key)
                 written += 1
                 if len(writer.shards) > n_done:
-                    save_state(rec.index + 1)
+                    if index is not None:
+                        index.flush(writer.shards[-1].name)
+                    save_state(rec.pos)
             bar.update(len(chunk))
         writer.close()
+        if index is not None and writer.shards and not index.flushed(writer.shards[-1].name):
+            index.flush(writer.shards[-1].name)
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
     shards = done_shards + shard_dicts(writer.shards)
+    if index is not None:
+        for entry in shards:
+            entry.setdefault("index", index.name_for(entry["name"]))
+    counts = {"seen": seen, "written": written, "dropped": dict(drops)}
+    extra_notes = {**notes.to_dict(), "eval_captions_removed": evalf.captions_removed if evalf else 0}
+    if part_mode:
+        partlib.write_part_manifest(folder, {
+            "part": part, "parts": parts, "fingerprint": fingerprint, "dataset": fields, "counts": counts,
+            "examples": examples.to_state(), "notes": extra_notes, "shards": shards,
+            "clip_top_fraction": clip.top_fraction if clip else None})
+        (folder / SHARD_STATE).unlink(missing_ok=True)
+        return Summary("pairs-part", folder, seen, written, dict(drops), len(shards))
     if written == 0:
-        (out / SHARD_STATE).unlink(missing_ok=True)
+        (folder / SHARD_STATE).unlink(missing_ok=True)
+        ex = examples.to_manifest()
         raise InputError(f"{', '.join(map(str, inputs))}: no usable pairs "
-                         f"({sum(drops.values())} dropped: {dict(drops)})")
-    write_manifest(out, {
-        "kind": "pairs",
-        "tool": TOOL,
-        "inputs": [str(p) for p in inputs],
-        "input_format": input_format,
-        "filters": {**opts.to_dict(), "dedup": dedup, "near_dup_distance": near,
-                    "clip": ({"model": clip.model, "pretrained": clip.pretrained, "threshold": clip.threshold,
-                              "top_fraction": clip.top_fraction} if clip else None)},
-        "images": img_opts.to_dict(),
-        "download": dl_opts.to_dict(),
-        "counts": {"seen": seen, "written": written, "dropped": dict(drops)},
-        "drop_examples": examples,
-        "notes": notes.to_dict(),
-        "shards": shards,
-        "image_encoder": None,
-        "fingerprint": fingerprint,
-    })
+                         f"({sum(drops.values())} dropped: {dict(drops)}; e.g. "
+                         f"{'; '.join(v[0] for v in ex.values())})")
+    write_manifest(out, {**fields, "counts": counts, "drop_examples": examples.to_manifest(),
+                         "notes": extra_notes, "shards": shards})
     (out / SHARD_STATE).unlink(missing_ok=True)
     summary = Summary("pairs", out, seen, written, dict(drops), len(shards))
     if clip is not None and clip.top_fraction is not None:
@@ -346,27 +504,98 @@ def shard_pairs(
     return summary
 
 
+def _already_complete(folder: Path, fingerprint: str, clip: ClipOptions | None, progress: bool,
+                      part_mode: bool) -> Summary:
+    if part_mode:
+        from data_tools.parts import load_part_manifest
+
+        pm = load_part_manifest(folder)
+        if pm.get("fingerprint") != fingerprint:
+            raise InputError(f"{folder}: complete, but built from other inputs or options; use --overwrite to "
+                             f"rebuild it or choose another --out")
+        c = pm["counts"]
+        log.info("%s: part already complete; nothing to resume", folder)
+        return Summary("pairs-part", folder, c["seen"], c["written"], c["dropped"], len(pm["shards"]))
+    m = load_manifest(folder)
+    if m.get("fingerprint") not in (None, fingerprint):
+        raise InputError(f"{folder}: complete, but built from other inputs or options; use --overwrite "
+                         f"to rebuild it or choose another --out")
+    if clip is not None and clip.top_fraction is not None \
+            and (m.get("filters", {}).get("clip") or {}).get("mode") != "top_fraction":
+        from data_tools.clip_filter import filter_clip
+
+        log.info("%s: sharding was complete; finishing the CLIP top-fraction pass", folder)
+        filter_clip(folder, top_fraction=clip.top_fraction, progress=progress)
+        m = load_manifest(folder)
+    c = m.get("counts", {})
+    log.info("%s: already complete; nothing to resume", folder)
+    return Summary("pairs", folder, c.get("seen", 0), m["n_samples"], c.get("dropped", {}), len(m["shards"]))
+
+
 def _clip_chunk(scorer: Any, chunk: list[Prepared], clip: ClipOptions | None) -> None:
     """Score the chunk's surviving records in one batch; apply a fixed threshold at once.
-    Runs before dedup, so a duplicate of a low-scoring pair is judged the same way."""
+    Runs before dedup, so a duplicate of a low-scoring pair is judged the same way. A batch
+    that fails is scored record by record, and a record that cannot be scored is dropped
+    (``worker_error``) rather than failing the run."""
     live = [r for r in chunk if r.reason is None]
     if not live:
         return
-    for rec, score in zip(live, scorer.score([(r.data, r.captions) for r in live]), strict=True):
+    try:
+        scores: list[float | None] = list(scorer.score([(r.data, r.captions) for r in live]))
+    except Exception:
+        scores = []
+        for r in live:
+            try:
+                scores.append(scorer.score([(r.data, r.captions)])[0])
+            except Exception as exc:
+                r.reason, r.detail = "worker_error", f"CLIP scoring failed ({type(exc).__name__}: {exc})"
+                scores.append(None)
+    for rec, score in zip(live, scores, strict=True):
+        if score is None:
+            continue
         rec.clip_score = score
         if clip is not None and clip.threshold is not None and score < clip.threshold:
             rec.reason = "clip_score_low"
 
 
-def _sample(key: str, rec: Prepared) -> dict[str, Any]:
+def _payload(rec: Prepared) -> dict[str, bytes] | None:
+    """The sample's members as bytes (everything but the key, which the writer assigns), or
+    None when its text cannot be written as UTF-8: a lone surrogate from a JSON ``\\udcff``
+    escape or an undecodable input byte, in a caption, an extra column or a file name."""
     meta = {**rec.meta, "source": rec.source, "captions": rec.captions, "width": rec.width,
             "height": rec.height, "sha256": rec.sha256}
     if rec.phash is not None:
         meta["phash"] = phash_hex(rec.phash)
     if rec.clip_score is not None:
         meta["clip_score"] = rec.clip_score
-    return {"__key__": key, rec.ext: rec.data, "txt": rec.captions[0],
-            "json": json.dumps(meta, ensure_ascii=False)}
+    try:
+        return {rec.ext: rec.data, "txt": rec.captions[0].encode("utf-8"),
+                "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+    except UnicodeEncodeError:
+        return None
+
+
+# --- shard-text ---------------------------------------------------------------------------------
+
+
+def text_key_prefixes(inputs: list[str | Path]) -> list[str]:
+    """One distinct key prefix per input: the cleaned file stem, made unique with ``-N``
+    when two inputs share it (two ``dev_caps.txt`` from different folders). Keys are
+    ``PREFIX_LINE``, so distinct prefixes give distinct keys across the whole dataset."""
+    used: set[str] = set()
+    out: list[str] = []
+    for p in inputs:
+        name = Path(p).name
+        for suffix in (".gz", ".txt"):
+            name = name[: -len(suffix)] if name.endswith(suffix) else name
+        stem = clean_key(name)
+        prefix, n = stem, 1
+        while prefix in used:
+            n += 1
+            prefix = f"{stem}-{n}"
+        used.add(prefix)
+        out.append(prefix)
+    return out
 
 
 def shard_text(
@@ -376,30 +605,53 @@ def shard_text(
     min_chars: int = 1,
     dedup: bool = False,
     max_count: int = 10_000,
+    max_bytes: int = 1 << 30,
     overwrite: bool = False,
+    strict: bool = False,
     progress: bool = True,
 ) -> Summary:
-    """One sentence per line -> text shards (``KEY.txt``)."""
+    """One sentence per line -> text shards (``KEY.txt``). A line whose bytes are not UTF-8
+    is dropped as ``text_unencodable``, a file that cannot be read on (cut .gz) ends that
+    input as ``input_unreadable``; both name file:line, and stop the run under ``strict``."""
     out = Path(out_dir)
-    _check_inputs(inputs)
+    if not inputs:
+        raise InputError("no inputs given")
+    for p in inputs:
+        if not Path(p).is_file():
+            raise InputError(f"{p}: file not found")
+    check_no_overlap(inputs, out)
     _prepare_out(out, overwrite)
+    prefixes = text_key_prefixes(inputs)
     drops = DropCounter()
+    examples = Examples()
     seen_text = SeenSet()
-    writer = ShardWriter(out, max_count=max_count)
+    writer = ShardWriter(out, max_count=max_count, max_bytes=max_bytes)
     seen = written = 0
     bar = tqdm(read_sentences(inputs), desc="shard-text", unit=" lines", disable=not progress)
     try:
-        for where, raw in bar:
+        for index, where, raw in bar:
             seen += 1
-            sentence = normalize_caption(raw)
-            if len(sentence) < max(1, min_chars):
-                drops.drop("empty" if not sentence else "too_short")
+            reason = None
+            if raw is None:
+                reason = "input_unreadable"
+            else:
+                sentence = normalize_caption(raw)
+                try:
+                    data = sentence.encode("utf-8")
+                except UnicodeEncodeError:
+                    reason = "text_unencodable"
+                if reason is None and len(sentence) < max(1, min_chars):
+                    reason = "empty" if not sentence else "too_short"
+                if reason is None and dedup and seen_text.check_and_add(sentence.lower()):
+                    reason = "duplicate"
+            if reason is not None:
+                if strict and reason in STRICT_REASONS:
+                    raise InputError(f"{where}: {reason} (--strict; drop the flag to skip and count such lines)")
+                drops.drop(reason)
+                examples.add(reason, (seen, 0), where)
                 continue
-            if dedup and seen_text.check_and_add(sentence.lower()):
-                drops.drop("duplicate")
-                continue
-            path, _, line = where.rpartition(":")
-            writer.write({"__key__": f"{Path(path).stem.replace('.', '_')}_{int(line):09d}", "txt": sentence})
+            line = int(where.rpartition(":")[2])
+            writer.write({"__key__": f"{prefixes[index]}_{line:09d}", "txt": data})
             written += 1
         shards = writer.close()
     except BaseException:
@@ -408,13 +660,14 @@ def shard_text(
     finally:
         bar.close()
     if written == 0:
-        raise InputError(f"{', '.join(map(str, inputs))}: no usable sentences")
+        raise InputError(f"{', '.join(map(str, inputs))}: no usable sentences ({dict(drops)})")
     write_manifest(out, {
         "kind": "text",
         "tool": TOOL,
         "inputs": [str(p) for p in inputs],
         "filters": {"min_chars": min_chars, "dedup": dedup},
         "counts": {"seen": seen, "written": written, "dropped": dict(drops)},
+        "drop_examples": examples.to_manifest(),
         "shards": shard_dicts(shards),
     })
     return Summary("text", out, seen, written, dict(drops), len(shards))
@@ -429,6 +682,9 @@ def _batches(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
             batch = []
     if batch:
         yield batch
+
+
+# --- embed --------------------------------------------------------------------------------------
 
 
 def _decode_batch(batch: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any], list[dict[str, Any]], int]:
@@ -467,6 +723,25 @@ def _npy_bytes(vec: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def generation_name(position: int, generation: int) -> str:
+    """Shard names of a rewritten dataset: new files next to the old ones, never over them."""
+    return f"{position:06d}-g{generation}.tar"
+
+
+def finish_rewrite(folder: Path, manifest: dict[str, Any], state_path: Path, replaced: list[str]) -> None:
+    """The commit of a rewrite (``embed``, ``filter-clip``): the new manifest (sizes.json,
+    then manifest.json, atomically each), then the old shard files, then the state. A crash
+    anywhere leaves a dataset whose manifest lists complete files."""
+    for k in ("format", "version", "created", "n_samples"):
+        manifest.pop(k, None)
+    write_manifest(folder, manifest)
+    listed = {s["name"] for s in manifest["shards"]}
+    for name in replaced:
+        if name not in listed:
+            (folder / name).unlink(missing_ok=True)
+    state_path.unlink(missing_ok=True)
+
+
 def embed(
     dataset: str | Path,
     encoder: str = "efficientnet_lite0",
@@ -477,10 +752,12 @@ def embed(
 ) -> Summary:
     """Add ``KEY.emb.npy`` (float16 pooled image features) to every sample of a pairs dataset.
 
-    Shards are rewritten one at a time (temp + rename); ``.embed_state.json`` remembers which
-    are done, so a killed run resumes where it stopped. The manifest is rewritten last.
+    The dataset stays valid at every instant: each shard is written as a *new* file
+    (``NNNNNN-gG.tar``, G = the dataset's generation + 1, temp + rename), the manifest that
+    lists the new files replaces the old one last, and only then are the old files deleted.
+    ``.embed_state.json`` records the finished shards, so a killed run resumes where it
+    stopped; ``verify`` reports such a pending run and still passes.
     """
-
     from data_tools.encoders import load_image_encoder
 
     folder = Path(dataset)
@@ -491,8 +768,20 @@ def embed(
     state: dict[str, Any] = {}
     if state_path.is_file():
         state = json.loads(state_path.read_text(encoding="utf-8"))
-        if state.get("encoder") != encoder:
-            state = {}
+    listed = [s["name"] for s in manifest["shards"]]
+    if state and state.get("new_names") == listed:
+        # Killed after the manifest swap: only the old files are left to delete.
+        finish_rewrite(folder, manifest, state_path, state.get("replaces", []))
+        manifest = load_manifest(folder)
+        if state.get("encoder") == encoder:
+            return Summary("embed", folder, manifest["n_samples"], manifest["n_samples"], {}, len(listed))
+        state = {}
+    generation = int(manifest.get("generation", 0)) + 1
+    if state.get("encoder") != encoder or state.get("generation") != generation:
+        for entry in (state.get("done") or {}).values():  # another run's unfinished files
+            if entry["shard"]["name"] not in listed:
+                (folder / entry["shard"]["name"]).unlink(missing_ok=True)
+        state = {}
     done: dict[str, dict[str, Any]] = state.get("done", {})
     enc = load_image_encoder(encoder)
     enc.model.to(device)
@@ -500,18 +789,19 @@ def embed(
     total = sum(s["n_samples"] for s in manifest["shards"])
     bar = tqdm(total=total, desc=f"embed {encoder}", unit=" img", disable=not progress)
     new_shards = []
-    for shard in manifest["shards"]:
+    for position, shard in enumerate(manifest["shards"]):
         name = shard["name"]
         prev = done.get(name)
         # Trust a shard as done only if it is byte-for-byte the one this run wrote from
         # this very input shard (a rebuilt dataset must be embedded again).
-        if prev and prev["input_sha256"] == shard["sha256"] \
-                and file_sha256(folder / name) == prev["shard"]["sha256"]:
+        if prev and prev["input_sha256"] == shard["sha256"] and (folder / prev["shard"]["name"]).is_file() \
+                and file_sha256(folder / prev["shard"]["name"]) == prev["shard"]["sha256"]:
             new_shards.append(prev["shard"])
             drops.update(prev["dropped"])
             bar.update(shard["n_samples"])
             continue
-        writer = ShardWriter(folder, max_count=math.inf, start_index=int(name.split(".")[0]))
+        writer = ShardWriter(folder, max_count=math.inf, start_index=position,
+                             name=partial(lambda g, i: generation_name(i, g), generation))
         shard_drops = DropCounter()
         try:
             for batch, images, keep, n_bad in _decoded(_batches(read_shard(folder / name), batch_size)):
@@ -535,20 +825,22 @@ def embed(
         new_shards.append(entry)
         drops.update(shard_drops)
         done[name] = {"input_sha256": shard["sha256"], "shard": entry, "dropped": dict(shard_drops)}
-        atomic_write_json(state_path, {"encoder": encoder, "done": done})
+        atomic_write_json(state_path, {"encoder": encoder, "generation": generation, "done": done,
+                                       "replaces": listed, "total": len(listed)})
     bar.close()
     counts = manifest.get("counts", {})
     dropped = {**counts.get("dropped", {})}
     for k, v in drops.items():
         dropped[k] = dropped.get(k, 0) + v
     written = sum(s["n_samples"] for s in new_shards)
+    new_names = [s["name"] for s in new_shards]
+    atomic_write_json(state_path, {"encoder": encoder, "generation": generation, "done": done,
+                                   "replaces": listed, "total": len(listed), "new_names": new_names})
     manifest.update({
         "shards": new_shards,
+        "generation": generation,
         "image_encoder": enc.describe(),
         "counts": {**counts, "written": written, "dropped": dropped},
     })
-    for k in ("format", "version", "created", "n_samples"):
-        manifest.pop(k, None)
-    write_manifest(folder, manifest)
-    state_path.unlink(missing_ok=True)
+    finish_rewrite(folder, manifest, state_path, listed)
     return Summary("embed", folder, total, written, dict(drops), len(new_shards))

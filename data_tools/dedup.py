@@ -20,7 +20,7 @@ def sha256_hex(data: bytes) -> str:
 
 class SeenSet:
     """Remembers 16-byte digests of identities (~50 bytes each in a set: 100M items ~ 5 GB;
-    beyond that, partition the input by hash prefix across machines)."""
+    a partitioned run keeps this set only in its merge, see data_tools/parts.py)."""
 
     def __init__(self) -> None:
         self._seen: set[bytes] = set()
@@ -29,18 +29,25 @@ class SeenSet:
         return len(self._seen)
 
     @staticmethod
-    def _digest(ident: str) -> bytes:
-        return hashlib.blake2b(ident.encode("utf-8"), digest_size=16).digest()
+    def digest(ident: str) -> bytes:
+        """The 16 bytes stored for ``ident`` (what a part's identity index records)."""
+        return hashlib.blake2b(ident.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
     def __contains__(self, ident: str) -> bool:
-        return self._digest(ident) in self._seen
+        return self.digest(ident) in self._seen
 
     def add(self, ident: str) -> None:
-        self._seen.add(self._digest(ident))
+        self._seen.add(self.digest(ident))
+
+    def has_digest(self, digest: bytes) -> bool:
+        return digest in self._seen
+
+    def add_digest(self, digest: bytes) -> None:
+        self._seen.add(digest)
 
     def check_and_add(self, ident: str) -> bool:
         """True if ``ident`` was seen before; records it otherwise."""
-        digest = self._digest(ident)
+        digest = self.digest(ident)
         if digest in self._seen:
             return True
         self._seen.add(digest)
@@ -54,6 +61,12 @@ def pair_identity(mode: DedupMode, image_sha256: str, captions: list[str]) -> st
     if mode == "image":
         return image_sha256
     return image_sha256 + "\0" + "\n".join(c.lower() for c in captions)
+
+
+def identity_digest(mode: DedupMode, image_sha256: str, captions: list[str]) -> bytes | None:
+    """The exact-dedup identity as the 16 bytes :class:`SeenSet` keeps (None: never dedup)."""
+    ident = pair_identity(mode, image_sha256, captions)
+    return None if ident is None else SeenSet.digest(ident)
 
 
 # --- near-duplicate images -------------------------------------------------------------------
@@ -119,10 +132,3 @@ class NearDupIndex:
         for (shift, mask), table in zip(self._bands, self._tables, strict=True):
             table.setdefault((value >> shift) & mask, []).append(value)
         self._n += 1
-
-    def check_and_add(self, value: int) -> bool:
-        """True if a near duplicate is stored already; records ``value`` otherwise."""
-        if self.find(value) is not None:
-            return True
-        self.add(value)
-        return False

@@ -55,6 +55,10 @@ def normalize_caption(text: str) -> str:
 
 
 def caption_problem(text: str, opts: FilterOptions) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: JSON "\udcff", or input bytes that are not UTF-8
+        return "text_unencodable"
     if not text:
         return "caption_empty"
     if len(text) < opts.min_caption_chars or len(text.split()) < opts.min_caption_words:
@@ -78,15 +82,9 @@ class ImageInfo:
     height: int
 
 
-def check_image(data: bytes, opts: FilterOptions) -> tuple[ImageInfo | None, str | None]:
-    """Header checks first, then (optionally) one full decode. Returns (info, drop reason)."""
-    info, reason, _ = inspect_image(data, opts)
-    return info, reason
-
-
 def inspect_image(data: bytes, opts: FilterOptions) -> tuple[ImageInfo | None, str | None, Image.Image | None]:
-    """Like :func:`check_image`, but also hands back the decoded image (when
-    ``verify_decode``) so hashing and resizing do not decode the bytes a second time."""
+    """Header checks first, then (with ``verify_decode``) one full decode. Returns (info,
+    drop reason, decoded image) so hashing and resizing do not decode the bytes again."""
     if not data:
         return None, "image_empty", None
     if looks_like_html(data):

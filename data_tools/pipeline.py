@@ -13,12 +13,21 @@ This module imports no torch/webdataset, so spawned workers start in well under 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +46,7 @@ from data_tools.sources import Pair
 
 T = TypeVar("T")
 R = TypeVar("R")
+log = logging.getLogger("webmcse.data")
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,8 @@ class PrepareConfig:
 class Prepared:
     """A record after the worker: either a drop ``reason`` or a ready sample."""
 
-    index: int
+    pos: tuple[int, int]
+    """The record's global input position (see data_tools.sources)."""
     key: str
     source: str
     reason: str | None = None
@@ -97,8 +108,7 @@ def _check_captions(pair: Pair, opts: FilterOptions) -> str | None:
     return reason
 
 
-def prefetch(records: Iterable[tuple[int, Pair]], cfg: PrepareConfig,
-             window: int = 0) -> Iterator[tuple[int, Pair]]:
+def prefetch(records: Iterable[Pair], cfg: PrepareConfig, window: int = 0) -> Iterator[Pair]:
     """Download the URL records ahead of the CPU stage, in the main process's threads.
 
     Network waits are I/O (the GIL is released), so threads here keep ``threads`` requests
@@ -111,26 +121,29 @@ def prefetch(records: Iterable[tuple[int, Pair]], cfg: PrepareConfig,
     window = window or max(64, 8 * threads)
     dl = Downloader(cfg.download)
     pool = ThreadPoolExecutor(threads, thread_name_prefix="prefetch")
-    pending: deque[tuple[int, Pair, Future[FetchResult] | None]] = deque()
+    pending: deque[tuple[Pair, Future[FetchResult] | None]] = deque()
 
-    def submit(index: int, pair: Pair) -> None:
-        needs = (pair.url is not None and pair.image_bytes is None and pair.error is None
-                 and _caption_verdict(pair.captions, cfg.filters)[1] is None)
-        pending.append((index, pair, pool.submit(dl.fetch, pair.url) if needs else None))
+    def submit(pair: Pair) -> None:
+        try:
+            needs = (pair.url is not None and pair.image_bytes is None and pair.error is None
+                     and _caption_verdict(pair.captions, cfg.filters)[1] is None)
+        except Exception:  # the worker meets the same caption again and names the error
+            needs = False
+        pending.append((pair, pool.submit(dl.fetch, pair.url) if needs else None))
 
-    def finish(index: int, pair: Pair, fut: Future[FetchResult] | None) -> tuple[int, Pair]:
+    def finish(pair: Pair, fut: Future[FetchResult] | None) -> Pair:
         if fut is not None:
             res = fut.result()
             if res.reason is None:
                 pair.image_bytes = res.data
             else:
                 pair.error, pair.meta = res.reason, {"detail": pair.url}
-        return index, pair
+        return pair
 
     it = iter(records)
     try:
-        for index, pair in it:
-            submit(index, pair)
+        for pair in it:
+            submit(pair)
             while len(pending) >= window:
                 yield finish(*pending.popleft())
         while pending:
@@ -139,37 +152,68 @@ def prefetch(records: Iterable[tuple[int, Pair]], cfg: PrepareConfig,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def prepare_chunk(cfg: PrepareConfig, chunk: list[tuple[int, Pair]]) -> list[Prepared]:
+def prepare_chunk(cfg: PrepareConfig, chunk: list[Pair]) -> list[Prepared]:
     """Captions first (cheap, and saves downloading images whose caption is dropped anyway),
-    then all the chunk's downloads concurrently, then the image work record by record."""
+    then all the chunk's downloads concurrently, then the image work record by record.
+
+    No record can fail the chunk: an exception while handling one record (a decoder bug,
+    an odd image mode) drops that record as ``worker_error`` with the exception named.
+    """
     out: list[Prepared] = []
     todo: list[tuple[Prepared, Pair]] = []
-    for index, pair in chunk:
-        rec = Prepared(index=index, key=pair.key, source=pair.source)
+    for pair in chunk:
+        rec = Prepared(pos=pair.pos, key=pair.key, source=pair.source)
         out.append(rec)
         if pair.error:
             rec.reason, rec.detail = pair.error, str(pair.meta.get("detail", ""))
             continue
-        rec.reason = _check_captions(pair, cfg.filters)
+        try:
+            rec.reason = _check_captions(pair, cfg.filters)
+        except Exception as exc:
+            rec.reason, rec.detail = "worker_error", f"{type(exc).__name__}: {exc}"
         if rec.reason is None:
             todo.append((rec, pair))
     urls = [pair.url for _, pair in todo if pair.url is not None and pair.image_bytes is None]
     fetched = iter(_downloader(cfg.download).fetch_many(urls)) if urls else iter(())
     for rec, pair in todo:
-        data = pair.image_bytes
-        if data is None and pair.url is not None:
-            res = next(fetched)
-            if res.reason is not None:
-                rec.reason, rec.detail = res.reason, pair.url
-                continue
-            data = res.data
-        elif data is None:
-            try:
-                data = Path(pair.image_path or "").read_bytes()
-            except OSError as exc:
-                rec.reason, rec.detail = "image_missing", f"{pair.image_path}: {exc.strerror or exc}"
-                continue
-        _prepare_image(rec, pair, data or b"", cfg)
+        try:
+            data = pair.image_bytes
+            if data is None and pair.url is not None:
+                res = next(fetched)
+                if res.reason is not None:
+                    rec.reason, rec.detail = res.reason, pair.url
+                    continue
+                data = res.data
+            elif data is None:
+                try:
+                    data = Path(pair.image_path or "").read_bytes()
+                except FileNotFoundError as exc:
+                    rec.reason, rec.detail = "image_missing", f"{pair.image_path}: {exc.strerror or exc}"
+                    continue
+                except OSError as exc:  # permissions, a folder, an I/O error of the disk
+                    rec.reason, rec.detail = "image_unreadable", f"{pair.image_path}: {exc.strerror or exc}"
+                    continue
+            _prepare_image(rec, pair, data or b"", cfg)
+        except Exception as exc:
+            rec.reason, rec.detail = "worker_error", f"{type(exc).__name__}: {exc}"
+            rec.data = b""
+    return out
+
+
+def rescue_chunk(cfg: PrepareConfig, chunk: list[Pair], exc: BaseException) -> list[Prepared]:
+    """A chunk whose worker process died (or failed as a whole): each record again, alone,
+    in a fresh process, so only the record that kills its process is lost — dropped as
+    ``worker_crashed`` with its location. Costs a process start per record, and only
+    ever runs for chunks that crashed."""
+    log.warning("chunk at %s failed in its worker (%s: %s); retrying its %d record(s) one by one",
+                chunk[0].source if chunk else "?", type(exc).__name__, exc, len(chunk))
+    out: list[Prepared] = []
+    for pair in chunk:
+        try:
+            out.extend(isolate(partial(prepare_chunk, cfg), [pair]))
+        except Exception as again:
+            out.append(Prepared(pos=pair.pos, key=pair.key, source=pair.source, reason="worker_crashed",
+                                detail=f"{type(again).__name__}: {again}"))
     return out
 
 
@@ -203,32 +247,106 @@ def _prepare_image(rec: Prepared, pair: Pair, data: bytes, cfg: PrepareConfig) -
     rec.ext, rec.data, rec.width, rec.height = ext, stored, width, height
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int = 0) -> Iterator[R]:
+# --- worker processes ------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: end this process when ``parent_pid`` goes away, even by SIGKILL.
+
+    A killed parent cannot shut its pool down, and ProcessPoolExecutor workers would finish
+    their queued chunks (tens of seconds of CPU) before noticing. On Linux the kernel does
+    it (``prctl(PR_SET_PDEATHSIG, SIGKILL)``); elsewhere a thread polls the parent id. The
+    check after prctl covers a parent that died while this process was starting.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # spawn, not fork: the parent may hold torch/CUDA state and threads (tqdm, downloads).
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=die_with_parent, initargs=(os.getpid(),))
+
+
+def isolate(fn: Callable[[T], R], item: T) -> R:
+    """``fn(item)`` in a fresh one-process pool; raises BrokenProcessPool if it dies there."""
+    pool = _pool(1)
+    try:
+        return pool.submit(fn, item).result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: int = 0,
+                on_crash: Callable[[T, BaseException], R] | None = None) -> Iterator[R]:
     """``map(fn, items)`` over ``workers`` processes, results in input order, with at most
     ``window`` (default 2*workers) items in flight, so a fast reader never buffers the whole
     input and a slow chunk only delays, never reorders, what follows it.
 
-    ``workers <= 1`` runs in this process: no pickling, same results.
+    A worker that dies (a decoder segfault, the OOM killer) breaks the whole pool: the pool
+    is restarted, the items in flight are submitted again, and the item at the head — the
+    one the caller waits for — goes to ``on_crash(item, exc)``, which gives its result
+    (typically :func:`isolate` per record); without ``on_crash`` the error propagates. The
+    same happens to an item whose ``fn`` raises. ``workers <= 1`` runs in this process: no
+    pickling, same results, and no protection from crashes.
     """
     if workers <= 1:
         for item in items:
             yield fn(item)
         return
     window = window or 2 * workers
-    # spawn, not fork: the parent may hold torch/CUDA state and threads (tqdm, downloads).
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    pending: deque[Future[R]] = deque()
+    pool = _pool(workers)
+    pending: deque[tuple[T, Future[R]]] = deque()
     it = iter(items)
+
+    def fill() -> None:
+        while len(pending) < window:
+            nxt = next(it, _END)
+            if nxt is _END:
+                return
+            pending.append((nxt, pool.submit(fn, nxt)))  # type: ignore[arg-type]
+
     try:
-        for item in it:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= window:
-                break
+        fill()
         while pending:
-            result = pending.popleft().result()
-            for item in it:
-                pending.append(pool.submit(fn, item))
-                break
+            item, fut = pending.popleft()
+            try:
+                result = fut.result()
+            except BrokenProcessPool as exc:
+                if on_crash is None:
+                    raise
+                log.warning("a worker process died; restarting the pool and isolating the work it held")
+                pool.shutdown(wait=True, cancel_futures=True)
+                pool = _pool(workers)
+                again = list(pending)
+                pending.clear()
+                for other, _ in again:
+                    pending.append((other, pool.submit(fn, other)))
+                result = on_crash(item, exc)
+            except Exception as exc:
+                if on_crash is None:
+                    raise
+                result = on_crash(item, exc)
+            fill()
             yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+_END = object()

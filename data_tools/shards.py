@@ -11,7 +11,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,10 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 MANIFEST = "manifest.json"
 SIZES = "sizes.json"
+SHARD_STATE = ".shard_state.json"
+EMBED_STATE = ".embed_state.json"
+CLIP_STATE = ".clip_state.json"
+PARTS_DIR = "parts"
 FORMAT_VERSION = 1
 # A fixed member mtime makes the same input produce byte-identical shards (and sha256s).
 _MTIME = 0.0
@@ -100,9 +104,10 @@ class ShardWriter:
     name, fsync, rename and the per-shard accounting the manifest needs.
     """
 
-    def __init__(self, out_dir: str | Path, max_count: int = 10_000, max_bytes: int = 1 << 30,
-                 start_index: int = 0) -> None:
+    def __init__(self, out_dir: str | Path, max_count: float = 10_000, max_bytes: int = 1 << 30,
+                 start_index: int = 0, name: Callable[[int], str] = shard_name) -> None:
         self.out_dir = Path(out_dir)
+        self.name = name
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_count = max_count
         self.max_bytes = max_bytes
@@ -115,7 +120,7 @@ class ShardWriter:
         self._tmp: Path | None = None
 
     def _open(self) -> None:
-        self._tmp = self.out_dir / f".{shard_name(self.index)}.tmp"
+        self._tmp = self.out_dir / f".{self.name(self.index)}.tmp"
         self._raw = open(self._tmp, "wb")  # noqa: SIM115 - held across write() calls
         self._file = _HashingFile(self._raw)
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=_MTIME)
@@ -140,7 +145,7 @@ class ShardWriter:
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
-        final = self.out_dir / shard_name(self.index)
+        final = self.out_dir / self.name(self.index)
         os.replace(self._tmp, final)
         _fsync_dir(self.out_dir)
         info = ShardInfo(final.name, self._count, self._file.size, self._file.sha.hexdigest())
@@ -160,6 +165,21 @@ class ShardWriter:
         if self._tmp is not None and self._tmp.exists():
             self._tmp.unlink()
         self._tar = self._file = self._raw = self._tmp = None
+
+
+def place_file(src: Path, dst: Path) -> None:
+    """Put ``src``'s bytes at ``dst`` atomically without copying when possible: a hard link
+    under a temp name, renamed into place (a copy where the filesystem refuses links)."""
+    import shutil
+
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
 
 
 def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
@@ -187,6 +207,12 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
+        if (folder / SHARD_STATE).is_file():
+            raise DatasetError(f"{path}: no manifest yet: a shard-pairs run into this folder is running or was "
+                               f"interrupted; finish it with the same command plus --resume")
+        if (folder / PARTS_DIR).is_dir():
+            raise DatasetError(f"{path}: no manifest yet: the folder holds the parts of a partitioned run; "
+                               f"when every part is done, `webmcse-data merge {folder}` builds the dataset")
         raise DatasetError(f"{path}: no manifest. Build the folder with `webmcse-data shard-pairs` "
                            f"or `webmcse-data shard-text` (a folder without a manifest is "
                            f"incomplete or not a webmcse dataset)")

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -338,7 +339,7 @@ def test_every_filter_reason_is_counted(tmp_path: Path) -> None:
     with open(p, "a") as fh:
         fh.write("{broken json\n")
     opts = FilterOptions(min_side=32, max_aspect=4.0, max_pixels=6000, max_caption_chars=300)
-    s = shard_pairs([p], tmp_path / "ds", filters=opts, progress=False)
+    s = shard_pairs([p], tmp_path / "ds", filters=opts, group_by_image=False, progress=False)
     assert s.written == 1
     assert s.dropped == {"caption_empty": 1, "caption_too_short": 1, "caption_too_long": 1, "image_too_small": 1,
                          "image_bad_aspect": 1, "image_too_many_pixels": 1, "image_is_html": 1,
@@ -346,7 +347,7 @@ def test_every_filter_reason_is_counted(tmp_path: Path) -> None:
                          "missing_image_ref": 1, "caption_missing": 1, "bad_row": 1}
     assert samples(tmp_path / "ds")[0]["txt"].decode() == "a good & clean caption"
     with pytest.raises(InputError, match=r"t\.jsonl:15: invalid JSON"):
-        shard_pairs([p], tmp_path / "strict", filters=opts, strict=True, progress=False)
+        shard_pairs([p], tmp_path / "strict", filters=opts, strict=True, group_by_image=False, progress=False)
 
 
 def test_resize_and_reencode(tmp_path: Path) -> None:
@@ -407,12 +408,13 @@ def test_exact_and_near_dedup_are_global_across_shards(tmp_path: Path) -> None:
              {"file": "resized.jpg", "caption": "the second picture resized and recompressed"},
              {"file": "1.jpg", "caption": caption(1)}]
     p = write_jsonl(tmp_path / "t.jsonl", rows)
-    s = shard_pairs([p], tmp_path / "a", max_count=2, progress=False)
+    # One record per row here (rows of one image are otherwise grouped into one record).
+    s = shard_pairs([p], tmp_path / "a", max_count=2, group_by_image=False, progress=False)
     assert (s.written, s.dropped) == (8, {"duplicate": 2, "near_duplicate": 1})
-    s = shard_pairs([p], tmp_path / "b", max_count=2, near_dup_distance=None, progress=False)
+    s = shard_pairs([p], tmp_path / "b", max_count=2, near_dup_distance=None, group_by_image=False, progress=False)
     assert (s.written, s.dropped) == (9, {"duplicate": 2})
     # "pair" mode: same image with a new caption survives, the exact repeat does not.
-    s = shard_pairs([p], tmp_path / "c", max_count=2, dedup="pair", progress=False)
+    s = shard_pairs([p], tmp_path / "c", max_count=2, dedup="pair", group_by_image=False, progress=False)
     assert (s.written, s.dropped) == (10, {"duplicate": 1})
     keys = [x["__key__"] for x in samples(tmp_path / "c")]
     assert len(keys) == len(set(keys))
@@ -427,8 +429,9 @@ def _mixed_table(folder: Path, n: int) -> Path:
         (folder / f"{i}.jpg").write_bytes(smooth(200 + i, (48 + i % 5 * 8, 48)))
         rows.append({"file": f"{i}.jpg", "caption": caption(i) if i % 7 else "no"})
     (folder / "bad.jpg").write_bytes(b"<html>")
+    (folder / "copy3.jpg").write_bytes((folder / "3.jpg").read_bytes())
     rows.insert(5, {"file": "bad.jpg", "caption": "an html file here"})
-    rows.insert(9, {"file": "3.jpg", "caption": caption(3)})
+    rows.insert(9, {"file": "copy3.jpg", "caption": caption(3)})
     return write_jsonl(folder / "t.jsonl", rows)
 
 
@@ -447,7 +450,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(server: Server, tmp_p
     for i in range(48):
         server.routes[f"/{i}.jpg"] = ("ok", smooth(300 + i))
         rows.append({"url": server.url(f"/{i}.jpg"), "caption": caption(i)})
-    rows.insert(20, {"url": server.url("/3.jpg"), "caption": caption(3)})  # a duplicate
+    server.routes["/copy3.jpg"] = ("ok", smooth(303))
+    rows.insert(20, {"url": server.url("/copy3.jpg"), "caption": caption(3)})  # a duplicate
     rows.insert(30, {"url": server.url("/nope.jpg"), "caption": "a missing picture"})
     table = write_jsonl(tmp_path / "urls.jsonl", rows)
     ref = shard_pairs([table], tmp_path / "ref", max_count=6, chunk_size=2, download=FAST, progress=False)
@@ -550,17 +554,25 @@ def test_malformed_inputs_are_named_with_file_and_line(tmp_path: Path) -> None:
     t.write_text("file,caption\n0.jpg,a fine caption here\n0.jpg,too,many,cells\n")
     with pytest.raises(InputError, match=r"t\.csv:3: wrong number of cells"):
         shard_pairs([t], tmp_path / "a", strict=True, progress=False)
+    # Bytes that are not UTF-8 spoil their row only: counted (with its line), or --strict stops there.
     u = tmp_path / "u.csv"
     u.write_bytes(b"file,caption\n0.jpg,fine caption here\n0.jpg,caf\xe9 latin-1 bytes\n")
-    with pytest.raises(InputError, match=r"u\.csv:3: not valid UTF-8"):
-        shard_pairs([u], tmp_path / "b", progress=False)
+    s = shard_pairs([u], tmp_path / "b", progress=False)
+    assert (s.seen, s.written, s.dropped) == (2, 1, {"text_unencodable": 1})
+    assert load_manifest(tmp_path / "b")["drop_examples"] == {"text_unencodable": [f"{u}:3"]}
+    with pytest.raises(InputError, match=r"u\.csv:3: .*not valid Unicode.*--strict"):
+        shard_pairs([u], tmp_path / "b2", strict=True, progress=False)
+    # A .gz cut half-way: the rows before the cut are kept, the rest is one counted drop.
     g = tmp_path / "g.jsonl.gz"
     g.write_bytes(gzip.compress(b'{"file": "0.jpg", "caption": "fine caption here"}\n' * 50)[:-20])
+    s = shard_pairs([g], tmp_path / "c", progress=False)
+    assert s.written == 1 and s.dropped == {"input_unreadable": 1}
+    assert re.fullmatch(rf"{re.escape(str(g))}:\d+", load_manifest(tmp_path / "c")["drop_examples"]["input_unreadable"][0])
     with pytest.raises(InputError, match=r"g\.jsonl\.gz:\d+: cannot read on"):
-        shard_pairs([g], tmp_path / "c", progress=False)
+        shard_pairs([g], tmp_path / "c2", strict=True, progress=False)
     c = tmp_path / "coco.json"
     c.write_text('{"images": [], "annotations": [\n  {"image_id": 1,}\n]}')
-    with pytest.raises(InputError, match=r"coco\.json:2: invalid JSON"):
+    with pytest.raises(InputError, match=r"no usable pairs .*input_unreadable.*coco\.json:2"):
         shard_pairs([c], tmp_path / "d", progress=False)
     assert cli(["shard-pairs", str(c), "--out", str(tmp_path / "e")]) == 2
 

@@ -38,7 +38,8 @@ def pairs_table(tmp_path: Path) -> Path:
                      "extra": i})
     (img / "dup.jpg").write_bytes(jpeg(3))  # same bytes as row 3
     rows.append({"key": "dup", "file": "img/dup.jpg", "caption": "another caption for it"})
-    rows.append({"key": "short", "file": "img/0.jpg", "caption": "hi"})
+    (img / "s.jpg").write_bytes(jpeg(77))
+    rows.append({"key": "short", "file": "img/s.jpg", "caption": "hi"})
     rows.append({"key": "missing", "file": "img/nope.jpg", "caption": "a missing image file"})
     (img / "page.jpg").write_bytes(b"<!DOCTYPE html><html><body>404 not found</body></html>")
     rows.append({"key": "html", "file": "img/page.jpg", "caption": "an html page saved as jpg"})
@@ -156,7 +157,7 @@ def test_embed_adds_float16_features_and_records_encoder(sample_datasets: dict[s
     assert m["image_encoder"]["name"] == "efficientnet_lite0" and m["image_encoder"]["dim"] == 1280
     for entry in m["shards"]:
         assert file_sha256(sample_datasets["pairs"] / entry["name"]) == entry["sha256"]
-    sample = next(read_shard(sample_datasets["pairs"] / "000000.tar"))
+    sample = next(read_shard(sample_datasets["pairs"] / m["shards"][0]["name"]))
     emb = np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False)
     assert emb.dtype == np.float16 and emb.shape == (1280,) and np.isfinite(emb).all()
     assert float(np.abs(emb).sum()) > 0
@@ -217,7 +218,8 @@ def test_cli_reports_errors_in_one_line(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_tar_members_are_plain_and_keys_have_no_dots(sample_datasets: dict[str, Path]) -> None:
-    with tarfile.open(sample_datasets["pairs"] / "000000.tar") as tf:
+    first = load_manifest(sample_datasets["pairs"])["shards"][0]["name"]
+    with tarfile.open(sample_datasets["pairs"] / first) as tf:
         names = tf.getnames()
     assert all("/" not in n and n.count(".") in (1, 2) for n in names)
     assert {n.split(".", 1)[1] for n in names} == {"jpg", "txt", "json", "emb.npy"}
