@@ -111,3 +111,17 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(p.read_text().strip()), 15)
         time.sleep(1)
+
+
+def wait_until_idle(cluster: Cluster, timeout: float) -> list[str]:
+    """Wait until the cluster has no job left (pending, running or completing); returns the
+    last `squeue` lines seen if the timeout passes first, else an empty list."""
+    deadline = time.time() + timeout
+    lines: list[str] = []
+    while time.time() < deadline:
+        lines = cluster.run("squeue", "-h", "-o", "%i %j %T %r", check=False).stdout.split("\n")
+        lines = [ln for ln in lines if ln.strip()]
+        if not lines:
+            return []
+        time.sleep(0.5)
+    return lines
