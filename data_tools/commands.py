@@ -162,6 +162,8 @@ class Examples:
             r: [((int(p[0]), int(p[1])), s) for p, s in items] for r, items in (saved or {}).items()}
 
     def add(self, reason: str, pos: tuple[int, int], source: str) -> None:
+        # A file name that is not UTF-8 is shown with backslash escapes (readable, writable JSON).
+        source = source.encode("utf-8", "backslashreplace").decode("utf-8")
         items = self.by_reason.setdefault(reason, [])
         if len(items) < EXAMPLES:
             items.append((pos, source))
@@ -423,8 +425,8 @@ def shard_pairs(
 
     save_state(start)  # from now on the folder is recognisably an interrupted run of ours
     try:
-        for chunk in ordered_map(partial(prepare_chunk, cfg), _batches(todo, chunk_size), workers,
-                                 on_crash=partial(rescue_chunk, cfg)):
+        prepare = partial(prepare_chunk, cfg)
+        for chunk in ordered_map(prepare, _batches(todo, chunk_size), workers, on_crash=partial(rescue_chunk, prepare)):
             if evalf is not None:
                 for rec in chunk:
                     if rec.reason is None:

@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -200,20 +199,21 @@ def prepare_chunk(cfg: PrepareConfig, chunk: list[Pair]) -> list[Prepared]:
     return out
 
 
-def rescue_chunk(cfg: PrepareConfig, chunk: list[Pair], exc: BaseException) -> list[Prepared]:
-    """A chunk whose worker process died (or failed as a whole): each record again, alone,
-    in a fresh process, so only the record that kills its process is lost — dropped as
-    ``worker_crashed`` with its location. Costs a process start per record, and only
-    ever runs for chunks that crashed."""
+def rescue_chunk(fn: Callable[[list[Pair]], list[Prepared]], chunk: list[Pair],
+                 exc: BaseException) -> list[Prepared]:
+    """A chunk whose worker process died (or failed as a whole): each record again through
+    ``fn``, alone, in a fresh process, so only a record that kills its process is lost —
+    dropped as ``worker_crashed`` with its location. Costs a process start per record, and
+    only ever runs for chunks that crashed."""
     log.warning("chunk at %s failed in its worker (%s: %s); retrying its %d record(s) one by one",
                 chunk[0].source if chunk else "?", type(exc).__name__, exc, len(chunk))
     out: list[Prepared] = []
     for pair in chunk:
         try:
-            out.extend(isolate(partial(prepare_chunk, cfg), [pair]))
+            out.extend(isolate(fn, [pair]))
         except Exception as again:
             out.append(Prepared(pos=pair.pos, key=pair.key, source=pair.source, reason="worker_crashed",
-                                detail=f"{type(again).__name__}: {again}"))
+                                detail=f"its worker process died ({type(again).__name__}: {again})"))
     return out
 
 

@@ -7,6 +7,7 @@ The manifest is the dataset's commit record: readers use only the shards it list
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -64,7 +65,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    try:
+        data = (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate somewhere: JSON's \u escapes still carry it
+        data = (json.dumps(obj, indent=1) + "\n").encode("ascii")
+    atomic_write_bytes(path, data)
 
 
 def file_sha256(path: Path) -> str:
@@ -160,6 +165,9 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the shard in progress (its temp file); completed shards stay."""
+        if self._tar is not None:
+            with contextlib.suppress(Exception):  # end blocks into the temp file deleted below
+                self._tar.close()
         if self._raw is not None:
             self._raw.close()
         if self._tmp is not None and self._tmp.exists():
