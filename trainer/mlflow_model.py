@@ -12,6 +12,7 @@ from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+from mlflow.types.type_hints import TypeFromExample
 
 
 class SentenceEncoderModel(mlflow.pyfunc.PythonModel):
@@ -25,9 +26,11 @@ class SentenceEncoderModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.pooler = (context.model_config or {}).get("pooler", "cls_before_pooler")
 
-    # The list[str] hint is MLflow's input schema: it validates inputs and converts a one-column
-    # DataFrame (what its serving layer passes) into the list of sentences.
-    def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> np.ndarray:
+    # TypeFromExample: MLflow checks inputs against the signature save_pyfunc writes (a string
+    # column in, float32 embeddings of the encoder's width out) and hands predict the input
+    # example's type, a list of sentences; a DataFrame is still accepted when called directly.
+    def predict(self, context: Any, model_input: TypeFromExample,
+                params: dict[str, Any] | None = None) -> np.ndarray:
         from trainer.evaluate import make_encoder
 
         if hasattr(model_input, "iloc"):  # a DataFrame: its first column holds the sentences
@@ -38,8 +41,17 @@ class SentenceEncoderModel(mlflow.pyfunc.PythonModel):
         return encode(sentences)
 
 
-def save_pyfunc(model_dir: Path, out: Path, pooler: str) -> Path:
-    """Write an MLflow model folder for an exported webmcse model directory."""
+# What a user sees as the model's input example in MLflow (and what the serving layer validates).
+INPUT_EXAMPLE = ["A man is playing a guitar.", "Two dogs run along the beach."]
+
+
+def save_pyfunc(model_dir: Path, out: Path, pooler: str, mlflow_model: Any = None) -> Path:
+    """Write an MLflow model folder for an exported webmcse model directory.
+
+    ``mlflow_model`` is the :class:`mlflow.models.Model` record to fill in: the tracker passes one
+    that names its logged model (model id, run id, artifact location), so the written ``MLmodel``
+    file points back to the logged model it is uploaded to.
+    """
     import json
 
     from mlflow.models import infer_signature
@@ -54,6 +66,8 @@ def save_pyfunc(model_dir: Path, out: Path, pooler: str) -> Path:
         model_config={"pooler": pooler},
         code_paths=[str(root / "trainer"), str(root / "data_tools")],
         pip_requirements=["torch", "transformers", "numpy", "scipy", "tqdm", "pyyaml", "safetensors"],
-        signature=infer_signature(["a sentence"], np.zeros((1, dim), dtype=np.float32)),
+        signature=infer_signature(INPUT_EXAMPLE, np.zeros((len(INPUT_EXAMPLE), dim), dtype=np.float32)),
+        input_example=INPUT_EXAMPLE,
+        mlflow_model=mlflow_model,
     )
     return out

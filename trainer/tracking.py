@@ -35,6 +35,13 @@ log = logging.getLogger("webmcse.tracking")
 SPOOL = "mlflow_spool.jsonl"
 _PARAM_BATCH = 100
 _METRIC_BATCH = 1000
+# MLflow 3 UIs that choose an experiment's view from its "kind" read this tag; without it they
+# open a training experiment in the GenAI view (traces, judges). 3.17's UI follows its sidebar
+# switch or the `workflowType` URL parameter instead, which :func:`run_url` sets.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# The run's description: markdown that MLflow shows on the run's overview page.
+DESCRIPTION_TAG = "mlflow.note.content"
 
 
 class NullTracker:
@@ -51,28 +58,10 @@ class NullTracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
-    def log_model(self, model_dir: str | Path, pooler: str) -> None: ...
+    def log_model(self, model_dir: str | Path, pooler: str, step: int | None = None, name: str = "model",
+                  link_metrics: tuple[str, ...] | None = None) -> None: ...
 
-    def _coalesce(self) -> None:
-        """Merge queued metric points into the head operation (one request for up to 1000
-        values instead of one per log point), keeping the order of everything else."""
-        kind, payload = self._pending[0]
-        if kind != "metrics" or "batch" in payload or len(self._pending) > 1:
-            return
-        points = [payload]
-        count = len(payload["values"])
-        while count < _METRIC_BATCH:
-            try:
-                nxt = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if nxt[0] != "metrics" or count + len(nxt[1]["values"]) > _METRIC_BATCH:
-                self._pending.append(nxt)
-                break
-            points.append(nxt[1])
-            count += len(nxt[1]["values"])
-        if len(points) > 1:
-            self._pending[0] = ("metrics", {"batch": points})
+    def set_description(self, markdown: str) -> None: ...
 
     def flush(self, timeout: float | None = None) -> bool:
         return True
@@ -81,6 +70,16 @@ class NullTracker:
 
     def describe(self) -> str:
         return "tracking disabled (tracking.backend=none)"
+
+
+def ui_base(uri: str) -> str:
+    """Where the UI for runs stored at ``uri`` is served (a bare `mlflow ui` for local stores)."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page, opened in the UI's model-training view (not the GenAI one)."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def ui_command(uri: str) -> str:
@@ -116,6 +115,8 @@ class MLflowTracker(NullTracker):
         self.uri = self.client.tracking_uri
         self.run_id = run_id
         self.experiment_id = None
+        self.model_ids: list[str] = []  # logged models, once they are stored
+        self._last_step = 0
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._pending: list[tuple[str, Any]] = []
         self._outage_since: float | None = None
@@ -149,11 +150,21 @@ class MLflowTracker(NullTracker):
             self.experiment_id = run.info.experiment_id
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            exp = self.client.get_experiment_by_name(self.cfg.experiment)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.cfg.experiment)
+            self.experiment_id = self._experiment()
             self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name).info.run_id
         if self.cfg.system_metrics:
             self._start_system_metrics()
+
+    def _experiment(self) -> str:
+        """The configured experiment, created or tagged as a model-training one. A kind someone
+        already chose for an existing experiment is kept."""
+        exp = self.client.get_experiment_by_name(self.cfg.experiment)
+        if exp is None:
+            return self.client.create_experiment(self.cfg.experiment,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return exp.experiment_id
 
     def _start_system_metrics(self) -> None:
         try:
@@ -183,14 +194,31 @@ class MLflowTracker(NullTracker):
         self._put("tags", {k: str(v) for k, v in tags.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._last_step = max(self._last_step, int(step))
         self._put("metrics", {"values": {k: float(v) for k, v in metrics.items()}, "step": int(step),
                               "ts": int(time.time() * 1000)})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._put("artifact", {"path": str(path), "artifact_path": artifact_path})
 
-    def log_model(self, model_dir: str | Path, pooler: str) -> None:
-        self._put("model", {"path": str(model_dir), "pooler": pooler})
+    def log_model(self, model_dir: str | Path, pooler: str, step: int | None = None, name: str = "model",
+                  link_metrics: tuple[str, ...] | None = None) -> None:
+        """Log an exported model folder as an MLflow logged model of this run.
+
+        ``step`` is the step the model is linked to (default: the last step given to
+        :meth:`log_metrics`). The run's metrics at that step whose names start with one of
+        ``link_metrics`` (all of them when None, as MLflow's own ``log_model`` does) become the
+        model's metrics: log the final evaluation first, at that step. The model's params are the
+        run's params (the resolved config). ``models:/<model id>`` and ``runs:/<run id>/<name>``
+        load it; ``mlflow.register_model`` registers it.
+        """
+        self._put("model", {"path": str(model_dir), "pooler": pooler, "name": name,
+                            "step": self._last_step if step is None else int(step),
+                            "link": None if link_metrics is None else list(link_metrics)})
+
+    def set_description(self, markdown: str) -> None:
+        """The run's description (markdown), shown on the run's overview page."""
+        self.set_tags({DESCRIPTION_TAG: markdown})
 
     def _send(self, kind: str, payload: Any) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -213,22 +241,70 @@ class MLflowTracker(NullTracker):
             elif Path(payload["path"]).is_file():
                 self.client.log_artifact(self.run_id, payload["path"], payload["artifact_path"])
         elif kind == "model":
-            self._send_model(payload["path"], payload["pooler"])
+            self._send_model(payload)
         elif kind == "terminate":
             if self._monitor is not None:
                 self._monitor.finish()
                 self._monitor = None
             self.client.set_terminated(self.run_id, payload)
 
-    def _send_model(self, model_dir: str, pooler: str) -> None:
+    def _send_model(self, op: dict[str, Any]) -> None:
+        """Create the logged model, link it to the run and step, upload it, mark it READY.
+
+        The same steps as ``mlflow.pyfunc.log_model``, taken one by one through this tracker's
+        client: that call works on the process-wide store and active run, and a retry after an
+        outage would create a second model. Each step done is recorded in ``op`` (which the spool
+        keeps), so a retry or a replay continues where the outage struck.
+        """
         import tempfile
+
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
 
         from trainer.mlflow_model import save_pyfunc
 
+        model_dir, step = Path(op["path"]), int(op.get("step", 0))
+        if not (model_dir / "config.json").is_file():
+            log.warning("not logging model %s to MLflow: it is not an exported model folder (no "
+                        "config.json)", model_dir)
+            return
+        if op.get("model_id") is None:
+            params = self.client.get_run(self.run_id).data.params
+            created = self.client.create_logged_model(
+                self.experiment_id, name=op.get("name", "model"), source_run_id=self.run_id,
+                params=params, tags=_model_tags(model_dir, op["pooler"]), model_type="sentence-encoder")
+            op["model_id"] = created.model_id
+        model_id = op["model_id"]
+        if not op.get("linked"):
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step)])
+            op["linked"] = True
+        self._link_metrics(model_id, step, op.get("link"))
+        model = self.client.get_logged_model(model_id)
+        record = Model(artifact_path=model.artifact_location, model_uuid=model_id, run_id=self.run_id,
+                       model_id=model_id)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model"
-            save_pyfunc(Path(model_dir), path, pooler)
-            self.client.log_artifacts(self.run_id, str(path), "model")
+            save_pyfunc(model_dir, path, op["pooler"], mlflow_model=record)
+            self.client.log_model_artifacts(model_id, str(path))
+        self.client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+        if model_id not in self.model_ids:
+            self.model_ids.append(model_id)
+        log.info("MLflow logged model %s (run %s, step %d): register it with "
+                 "mlflow.register_model('models:/%s', NAME)", model_id, self.run_id, step, model_id)
+
+    def _link_metrics(self, model_id: str, step: int, prefixes: list[str] | None) -> None:
+        """Make the run's metrics at ``step`` the model's metrics (shown on its page)."""
+        from mlflow.entities import Metric
+
+        linked = []
+        for key in self.client.get_run(self.run_id).data.metrics:
+            if prefixes is not None and not key.startswith(tuple(prefixes)):
+                continue
+            linked += [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, run_id=self.run_id)
+                       for m in self.client.get_metric_history(self.run_id, key)
+                       if m.step == step and m.model_id is None]
+        for i in range(0, len(linked), _METRIC_BATCH):
+            self.client.log_batch(self.run_id, metrics=linked[i:i + _METRIC_BATCH])
 
     def _work(self) -> None:
         backoff = 1.0
@@ -329,8 +405,34 @@ class MLflowTracker(NullTracker):
         log.info("queued %d tracking operations left by an earlier run from %s", len(ops), path)
 
     def describe(self) -> str:
-        return (f"MLflow run {self.run_name} ({self.run_id}) in experiment {self.experiment_id} "
+        text = (f"MLflow run {self.run_name} ({self.run_id}) in experiment {self.experiment_id} "
                 f"at {self.uri}. View it: {ui_command(self.uri)}")
+        if self.run_id is not None and self.experiment_id is not None:
+            text += f"; the run's page: {run_url(self.uri, self.experiment_id, self.run_id)}"
+        if self.model_ids:
+            text += f". Logged model: models:/{self.model_ids[-1]}"
+        return text
+
+
+def _model_tags(model_dir: Path, pooler: str) -> dict[str, str]:
+    """Where the logged model's weights came from (the export's own record, when it has one)."""
+    from trainer.checkpoint import COMMIT_MARKER
+
+    tags = {"webmcse.pooler": pooler, "webmcse.export": model_dir.name}
+    try:
+        info = json.loads((model_dir / COMMIT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = {}
+    if isinstance(info, dict):
+        for key in ("step", "dev_task", "dev_spearman"):
+            if info.get(key) is not None:
+                tags[f"webmcse.{key}"] = str(info[key])
+    origin = f" from training step {tags['webmcse.step']}" if "webmcse.step" in tags else ""
+    tags[DESCRIPTION_TAG] = (
+        f"Sentence encoder ({pooler} pooling), the run's `{model_dir.name}` export{origin}.\n\n"
+        "`mlflow.pyfunc.load_model(uri).predict([\"a sentence\", ...])` returns one float32 embedding "
+        "per sentence.")
+    return tags
 
 
 def make_tracker(cfg: TrackingConfig, run_name: str, is_main: bool, run_dir: Path | None = None,
