@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import pickle
 import tarfile
 import tracemalloc
@@ -201,3 +202,77 @@ def test_safe_image_refuses_a_bomb_before_decoding() -> None:
     with pytest.raises(ValueError, match="exceeds"):
         safe_image(png_bomb_header())
     assert safe_image(jpeg(0)).size == (24, 24)
+
+
+def _caption_samples(n: int, start: int = 0) -> list[tuple[str, bytes]]:
+    out = []
+    for i in range(start, start + n):
+        out += [(f"k{i:03d}.txt", f"caption {i}".encode()), (f"k{i:03d}.emb.npy", npy(np.full(8, i, np.float16)))]
+    return out
+
+
+def test_oversized_and_compressed_members_are_refused_from_the_header(tmp_path: Path, tokenizer) -> None:
+    """A member that claims more bytes than its field allows drops its sample without its bytes
+    being read; a gzip-compressed "shard" (a tiny file expanding to a huge caption) is not a
+    plain tar and is refused as a whole. Neither costs memory; both are counted."""
+    import gzip
+
+    big = _caption_samples(4)
+    big.insert(2, ("k000.json", b"{" + b" " * (3 << 20) + b"}"))  # 3 MiB json on sample k000
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("z000.txt")
+        info.size = 256 << 20  # a 256 MiB caption, gzipped to a few hundred KiB
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    bomb = gzip.compress(raw.getvalue(), compresslevel=9)
+    assert len(bomb) < 2 << 20
+    folder = dataset(tmp_path / "ds", [(big, 4, None), (_caption_samples(4, 4), 4, None)], dim=8)
+    (folder / "000002.tar").write_bytes(bomb)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"].append({"name": "000002.tar", "n_samples": 1, "bytes": len(bomb),
+                               "sha256": file_sha256(folder / "000002.tar")})
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    tracemalloc.start()
+    source = open_source(SourceConfig(path=str(folder), kind="pairs"), 0)
+    stream = SourceStream(source, tokenizer, DataConfig(global_batch_size=7, shuffle_shards=0, num_workers=0,
+                                                        max_text_bytes=1 << 20), seed=0, rank=0, world=1, image_dim=8)
+    (batch,) = list(itertools.islice(iter(stream), 1))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert sorted(batch["keys"]) == [f"k{i:03d}" for i in range(1, 8)]  # k000 dropped, the rest kept
+    assert batch["skipped"] == 2  # the oversized sample and the unreadable compressed shard
+    assert peak < 16 << 20, f"peak {peak >> 20} MiB"
+
+
+@pytest.mark.parametrize("verify", ["size", "sha256"])
+def test_shards_that_disagree_with_the_manifest_are_skipped_or_stop_under_strict(tmp_path: Path, tokenizer,
+                                                                                 verify: str) -> None:
+    from trainer.data import DataError
+
+    folder = dataset(tmp_path / "ds", [(_caption_samples(4), 4, None), (_caption_samples(4, 4), 4, None),
+                                       (_caption_samples(4, 8), 4, None)], dim=8)
+    tar1 = folder / "000001.tar"
+    data = bytearray(tar1.read_bytes())
+    if verify == "size":
+        data += b"\0" * 512  # grown after the manifest was written
+    else:
+        idx = data.index(b"caption 5")
+        data[idx:idx + 9] = b"CAPTION 5"  # same size, different bytes
+    tar1.write_bytes(bytes(data))
+    source = open_source(SourceConfig(path=str(folder), kind="pairs"), 0)
+
+    def batches(**kw) -> list[dict]:
+        cfg = DataConfig(**{"global_batch_size": 4, "shuffle_shards": 0, "num_workers": 0,
+                            "verify_shards": verify, **kw})
+        stream = SourceStream(source, tokenizer, cfg, seed=0, rank=0, world=1, image_dim=8)
+        return list(itertools.islice(iter(stream), 3))  # epoch 0 (every shard read) + one more batch
+
+    got = batches()
+    keys = [k for b in got for k in b["keys"]]
+    assert not {"k004", "k005", "k006", "k007"} & set(keys)  # the whole shard, never read
+    assert got[-1]["skipped"] in (4, 8)  # its 4 samples, counted (once per epoch that met it)
+    with pytest.raises(DataError, match=r"000001.tar: .*the manifest records .*data.strict=true stops here"):
+        batches(strict=True)
+    if verify == "sha256":  # a same-size change passes the cheap check: it is what sha256 is for
+        assert batches(verify_shards="size")[-1]["skipped"] == 0

@@ -81,6 +81,17 @@ class DataConfig:
     """Tokens per sentence after truncation."""
     num_workers: int = 2
     """DataLoader worker processes per source per rank."""
+    max_text_bytes: int = 1 << 20
+    """Largest txt/json/emb.npy member read; a larger one (a caption is kilobytes, a tiny gzip
+    member can claim gigabytes) drops its sample, counted, without reading its bytes."""
+    max_image_bytes: int = 32 << 20
+    """Largest image member read (with model.image_tower); larger drops the sample, counted."""
+    verify_shards: Literal["size", "sha256", "none"] = "size"
+    """Check each shard against its manifest entry before reading it: `size` (one stat),
+    `sha256` (reads the shard once more), `none`. A mismatching shard is skipped and its samples
+    counted, or stops the run with data.strict."""
+    strict: bool = False
+    """Stop, naming the shard, when a shard disagrees with its manifest (instead of skipping)."""
     shuffle_shards: int = 4
     """Sample shuffle window, in shards: the samples of this many consecutive shards of a
     worker are shuffled together (1 = within each shard, 0 = no sample shuffling; shards are
@@ -131,8 +142,9 @@ class LossConfig:
     symmetric: bool = False
     """Add the image->text direction to the multimodal term (MCSE is text->image only)."""
     learnable_temperature: bool = False
-    """Learn both temperatures (CLIP-style log(1/τ), initialised from the values above,
-    clamped to τ in [0.01, 1] after every step, no weight decay) instead of fixing them."""
+    """Learn both temperatures (CLIP-style log(1/τ), initialised from the values above, no
+    weight decay) instead of fixing them. τ is clamped to [0.01, 1] in the forward pass (with a
+    straight-through gradient), which holds on every engine; the stored value is not clipped."""
 
 
 @dataclass
@@ -151,6 +163,11 @@ class OptimConfig:
     """Learning-rate decay after warm-up."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
+    head_lr: float = 0.0
+    """Learning rate of the two grounding heads (text and image projections); 0 = the same as
+    the encoder (MCSE). Adam's updates hardly depend on λ, so at the encoder's small lr the
+    freshly initialised heads move ~lr per step: on small or short runs a larger head lr
+    (e.g. 1e-3) lets the shared space form within the run. Not scaled by lr_scaling."""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     """Scale `lr` with the global batch relative to `lr_base_batch`: none (MCSE), linear
     (lr x G/base) or sqrt (lr x sqrt(G/base)). Applied once at start and logged as
@@ -253,6 +270,8 @@ class TrackingConfig:
     flush_timeout_s: float = 60.0
     """At the end, how long to wait for an unreachable server before keeping the rest in
     run_dir/mlflow_spool.jsonl (sent later; training never waits longer than this)."""
+    parent_run_id: str = ""
+    """MLflow run this run is nested under (set by `python -m trainer.sweep` for its seeds)."""
     log_model: bool = True
     """Log the best model as an MLflow pyfunc model (loadable and registrable)."""
 
@@ -268,9 +287,10 @@ class DistributedConfig:
     heartbeat_timeout_s: float = 0.0
     """Stop the job when a rank makes no progress for this long, naming the rank (0 = off)."""
     eval_wait_timeout_s: float = 7200.0
-    """How long other ranks wait for rank 0's evaluation. They poll the rendezvous store
-    instead of sitting in a collective, so a long evaluation never trips the collective
-    timeout; past this limit the job stops with an error naming rank 0."""
+    """How long other ranks wait for rank 0's evaluation or export. They wait in a monitored
+    barrier on a separate gloo group created with this timeout, so a long evaluation never
+    trips the training collectives' timeout (NCCL's watchdog); past this limit the barrier
+    fails with an error naming the rank that did not arrive."""
 
 
 @dataclass
@@ -538,6 +558,8 @@ def validate(cfg: Config) -> None:
     _require(d.max_device_batch >= 0, "data.max_device_batch", f"must be >= 0, got {d.max_device_batch}")
     _require(d.max_len >= 2, "data.max_len", f"must be >= 2 (room for special tokens), got {d.max_len}")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _require(d.max_text_bytes > 0, "data.max_text_bytes", f"must be > 0, got {d.max_text_bytes}")
+    _require(d.max_image_bytes > 0, "data.max_image_bytes", f"must be > 0, got {d.max_image_bytes}")
     _require(d.shuffle_shards >= 0, "data.shuffle_shards", f"must be >= 0, got {d.shuffle_shards}")
     _require(d.caption_every >= 0, "data.caption_every", f"must be >= 0, got {d.caption_every}")
     if d.schedule == "ratio":
@@ -563,6 +585,7 @@ def validate(cfg: Config) -> None:
     _require(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}")
+    _require(o.head_lr >= 0 and math.isfinite(o.head_lr), "optim.head_lr", f"must be >= 0, got {o.head_lr}")
     _require(o.lr_base_batch > 0, "optim.lr_base_batch", f"must be > 0, got {o.lr_base_batch}")
     t = cfg.train
     _require(t.epochs > 0 or t.max_steps > 0, "train.epochs",

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from trainer.config import DataConfig, SourceConfig
 
@@ -62,6 +62,15 @@ class DataError(ValueError):
     """A training source that cannot be used; the message names it and the fix."""
 
 
+@dataclass(frozen=True)
+class ShardRecord:
+    """A shard's manifest entry, as the reader checks it (0 / empty: not recorded)."""
+
+    n_samples: int
+    bytes: int = 0
+    sha256: str = ""
+
+
 @dataclass
 class Source:
     """A shard folder as the trainer sees it: trusted shard list and counts from the manifest."""
@@ -73,6 +82,7 @@ class Source:
     shards: list[str]
     n_samples: int
     shard_sizes: list[int] = field(default_factory=list)
+    records: list[ShardRecord] = field(default_factory=list)
     image_dim: int = 0
     manifest_sha256: str = ""
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -154,6 +164,8 @@ def open_source(cfg: SourceConfig, index: int) -> Source:
         shards=[f"{path}/{s['name']}" for s in shards],
         n_samples=sum(int(s["n_samples"]) for s in shards),
         shard_sizes=[int(s["n_samples"]) for s in shards],
+        records=[ShardRecord(int(s["n_samples"]), int(s.get("bytes") or 0), str(s.get("sha256") or ""))
+                 for s in shards],
         image_dim=image_dim,
         manifest_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
         manifest=manifest,
@@ -249,22 +261,112 @@ class SkipCounter:
                         str(exn)[:200])
         return True
 
+    def skip_shard(self, message: str, n_samples: int) -> None:
+        """A whole shard is distrusted: every sample it should hold counts as skipped."""
+        self.count += n_samples
+        log.warning("%s: skipped a shard of %d samples: %s", self.name, n_samples, message)
 
-def read_tar(url: str, members: tuple[str, ...], counter: SkipCounter) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard with only the wanted members read; bad ones are counted."""
-    wanted = set(members)
 
-    def select(name: str) -> bool:
-        return "." in name and name.split(".", 1)[-1].lower() in wanted
+@dataclass(frozen=True)
+class ReadLimits:
+    """What a shard may contain before it is distrusted (see DataConfig's fields of the same
+    names). Defaults suit evaluation readers that have no config."""
 
+    max_text_bytes: int = 1 << 20
+    max_image_bytes: int = 32 << 20
+    verify_shards: str = "size"
+    strict: bool = False
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> ReadLimits:
+        return cls(cfg.max_text_bytes, cfg.max_image_bytes, cfg.verify_shards, cfg.strict)
+
+    def member_limit(self, ext: str) -> int:
+        return self.max_image_bytes if ext in IMAGE_EXTS else self.max_text_bytes
+
+
+class OversizedMember(ValueError):
+    """A member larger than its field's limit: its sample is dropped and counted, its bytes
+    are never read into memory (a tiny compressed member can claim gigabytes)."""
+
+
+def _check_shard(url: str, expect: ShardRecord, limits: ReadLimits) -> str | None:
+    """Why the shard disagrees with its manifest entry, or None. Size is one stat; sha256
+    reads the whole shard once more (from the page cache for local files)."""
+    if limits.verify_shards == "none" or not expect.bytes:
+        return None
+    if _scheme(url):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+        size = int(fs.info(path)["size"])
+    else:
+        size = Path(url).stat().st_size
+    if size != expect.bytes:
+        return f"{size} bytes, the manifest records {expect.bytes}"
+    if limits.verify_shards == "sha256" and expect.sha256:
+        h = hashlib.sha256()
+        with _open_stream(url) as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != expect.sha256:
+            return f"sha256 {h.hexdigest()[:12]}..., the manifest records {expect.sha256[:12]}..."
+    return None
+
+
+def _tar_members(stream: Any, url: str, wanted: set[str], limits: ReadLimits,
+                 counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """The wanted members of a plain (uncompressed) tar, each checked against its size limit
+    from the header before its data is read; anything else is skipped without reading it."""
+    import tarfile
+
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for info in tar:
+                name = info.name
+                if not info.isfile() or name.startswith("/") or ".." in name.split("/"):
+                    continue
+                base = name.rsplit("/", 1)[-1]
+                ext = base.split(".", 1)[1].lower() if "." in base else ""
+                if ext not in wanted:
+                    continue
+                limit = limits.member_limit(ext)
+                if info.size > limit:
+                    yield {"fname": name, "data": OversizedMember(
+                        f"{url}: member {name} is {info.size} bytes, over the {limit}-byte limit for .{ext} "
+                        f"(data.max_{'image' if ext in IMAGE_EXTS else 'text'}_bytes)"), "__url__": url}
+                    continue
+                fh = tar.extractfile(info)
+                yield {"fname": name, "data": fh.read() if fh is not None else b"", "__url__": url}
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exn:
+        counter(ValueError(f"{url}: unreadable from this point ({type(exn).__name__}: {exn}); a truncated or "
+                           f"non-tar shard (shards are plain tars)"))
+
+
+def read_tar(url: str, members: tuple[str, ...], counter: SkipCounter, limits: ReadLimits = ReadLimits(),
+             expect: ShardRecord | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard with only the wanted members read; bad ones are counted. A
+    shard that disagrees with its manifest entry is skipped whole and its samples counted (or,
+    with data.strict, stops the run naming it)."""
+    if expect is not None:
+        try:
+            problem = _check_shard(url, expect, limits)
+        except OSError as exn:
+            problem = f"cannot be read ({exn})"
+        if problem:
+            msg = (f"{url}: {problem}; the shard changed after its manifest was written (rebuild it, or find "
+                   f"the bad copy with `webmcse-data verify`)")
+            if limits.strict:
+                raise DataError(msg + "; data.strict=true stops here")
+            counter.skip_shard(msg, expect.n_samples)
+            return
     try:
         stream = _open_stream(url)
     except Exception as exn:
         counter(exn)
         return
     with stream:
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=counter, select_files=select)
-        yield from group_by_keys(files, handler=counter)
+        yield from group_by_keys(_tar_members(stream, url, set(members), limits, counter), handler=counter)
 
 
 def _seed(*parts: Any) -> int:
@@ -369,6 +471,7 @@ class SourceStream(IterableDataset):
         self.start = start or {}
         self.rotation = rotation
         self.batch_size = device_batch(cfg, world)
+        self.limits = ReadLimits.of(cfg)
         if source.kind == "text":
             self.members: tuple[str, ...] = ("txt",)
         elif image_transform is not None:
@@ -384,7 +487,8 @@ class SourceStream(IterableDataset):
         out: list[dict[str, Any]] = []
         for sid in shard_ids:
             base = plan.bases.get(sid, 0)
-            for idx, raw in enumerate(read_tar(self.source.shards[sid], self.members, counter)):
+            record = self.source.records[sid] if self.source.records else None
+            for idx, raw in enumerate(read_tar(self.source.shards[sid], self.members, counter, self.limits, record)):
                 if plan.by_sample and (base + idx) % n_slots != slot:
                     continue
                 try:
@@ -445,6 +549,9 @@ class SourceStream(IterableDataset):
     def _decode(self, raw: dict[str, Any], epoch: int) -> dict[str, Any]:
         """Only the members we expect are touched; nothing is unpickled, ever."""
         key = raw["__key__"]
+        for value in raw.values():
+            if isinstance(value, OversizedMember):
+                raise value
         text = raw["txt"].decode("utf-8") if "txt" in raw else None
         out: dict[str, Any] = {"key": key}
         if self.source.kind == "pairs":
