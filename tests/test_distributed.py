@@ -24,7 +24,7 @@ from .dist_worker import IMAGE_DIM, global_batch, scenario_config
 WORLD2 = ["ddp", "ddp+text", "ddp+cache+tau", "ddp+cache+sym+clip", "ddp+adamw20",
           "zero1", "zero2", "zero3+fp32", "zero2+cache+tau", "zero3+cache+tau+fp32", "zero2+text",
           "zero1+adamw20"]
-WORLD4 = ["ddp", "ddp+cache+tau+text"]
+WORLD4 = ["ddp", "ddp+cache+tau+text", "zero2+cache+tau"]
 
 
 @pytest.fixture(scope="module")

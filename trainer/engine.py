@@ -170,22 +170,30 @@ def enable_checkpointing(encoder: Any) -> None:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms and temperatures (every tensor of rank < 2)."""
-    decay, no_decay = [], []
+HEAD_PREFIXES = ("text_head.", "image_head.")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, head_lr: float = 0.0) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms and temperatures (every tensor of rank < 2); the
+    grounding heads at their own learning rate when one is set. Empty groups are left out."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name)
+        head = bool(head_lr) and name.startswith(HEAD_PREFIXES)
+        groups.setdefault((decay, head), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": head_lr if head else lr}
+            for (decay, head), params in sorted(groups.items())]
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
+    lr = effective_lr(cfg)
     # A torch optimizer also under DeepSpeed: ZeRO partitions it like its own, and nothing
     # has to be JIT-compiled (FusedAdam/CPUAdam).
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=effective_lr(cfg), betas=(o.betas[0], o.betas[1]),
-                             eps=o.eps)
+    return torch.optim.AdamW(param_groups(model, o.weight_decay, lr, o.head_lr), lr=lr,
+                             betas=(o.betas[0], o.betas[1]), eps=o.eps)
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Any:

@@ -10,6 +10,7 @@ progress and MLflow run all continue where they were.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import math
@@ -98,6 +99,12 @@ def default_run_name(cfg: Config) -> str:
     kinds = "+".join(sorted({s.kind for s in cfg.data.sources}))
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{model}-{kinds}-b{cfg.data.global_batch_size}-lr{effective_lr(cfg):g}-{stamp}"
+
+
+def dropout_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one rank's dropout masks at one step (64-bit, well mixed)."""
+    digest = hashlib.blake2b(f"dropout:{seed}:{rank}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class _Averager:
@@ -226,6 +233,8 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
     if ckpt is None:
         tracker.log_params({**flatten(cfg), **derived})
         tracker.set_tags(run_tags(world, {s.name: s.manifest_sha256 for s in sources}))
+        if cfg.tracking.parent_run_id:
+            tracker.set_tags({"mlflow.parentRunId": cfg.tracking.parent_run_id})
         tracker.log_artifact(run_dir / "config.yaml")
     else:
         tracker.set_tags({"webmcse.resumed_at_step": str(state.step)})
@@ -276,6 +285,10 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             wait_acc += time.perf_counter() - t0
 
+            # Dropout masks come from a stream of their own per (seed, rank, step): ranks never
+            # share masks, and a resumed run — at any world size — draws exactly what the
+            # uninterrupted run drew at that step, with no RNG state to carry.
+            torch.manual_seed(dropout_seed(cfg.train.seed, rank, state.step))
             result = train_step(model, optimizer, scheduler, batch, cfg, accelerator)
 
             state.step += 1
