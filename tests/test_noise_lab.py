@@ -1,0 +1,158 @@
+"""`webmcse-data split` and `webmcse-data corrupt` (the noise lab) on hand-built datasets whose
+right answers are known in advance: which images are held out, which captions were corrupted,
+from where, and which image is each image's nearest neighbour."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_tools.__main__ import main as cli
+from data_tools.noise import corrupt
+from data_tools.shards import DatasetError, ShardWriter, load_manifest, read_shard, shard_dicts, write_manifest
+from data_tools.split import split_pairs
+
+N_IMAGES, N_CAPS, DIM = 24, 5, 8
+
+
+def _npy(vec: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, vec.astype(np.float16))
+    return buf.getvalue()
+
+
+def nearest_of(i: int) -> int:
+    """By construction below: images come in pairs (0,1), (2,3), ... pointing the same way."""
+    return i ^ 1
+
+
+@pytest.fixture()
+def pairs(tmp_path: Path) -> Path:
+    out = tmp_path / "pairs"
+    w = ShardWriter(out, max_count=7)
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(N_IMAGES // 2, DIM))
+    for i in range(N_IMAGES):
+        feat = directions[i // 2] * 10 + rng.normal(scale=0.05, size=DIM)  # pair partner is nearest
+        caps = [f"image {i} caption {j} with distinct words" for j in range(N_CAPS)]
+        w.write({"__key__": f"img{i:03d}", "jpg": bytes([i]) * 50, "txt": caps[0],
+                 "json": json.dumps({"captions": caps, "source": "test"}), "emb.npy": _npy(feat)})
+    write_manifest(out, {"kind": "pairs", "shards": shard_dicts(w.close()),
+                         "image_encoder": {"name": "test", "dim": DIM}})
+    return out
+
+
+def samples(folder: Path) -> dict[str, dict]:
+    m = load_manifest(folder)
+    return {s["__key__"]: s for sh in m["shards"] for s in read_shard(folder / sh["name"])}
+
+
+# ----------------------------------------------------------------------------------- split
+
+
+def test_split_holds_out_the_keys_with_the_smallest_seeded_hash(pairs: Path, tmp_path: Path) -> None:
+    summary = split_pairs(pairs, tmp_path / "train", tmp_path / "held", holdout=5, seed=3, progress=False)
+    keys = [f"img{i:03d}" for i in range(N_IMAGES)]
+    expected = set(sorted(keys, key=lambda k: hashlib.sha256(f"3:{k}".encode()).hexdigest())[:5])
+    train, held = samples(tmp_path / "train"), samples(tmp_path / "held")
+    assert set(held) == expected and set(train) == set(keys) - expected
+    assert (summary.train, summary.heldout) == (19, 5)
+    source = samples(pairs)
+    for key, s in {**train, **held}.items():  # members copied byte for byte
+        for ext in ("jpg", "txt", "json", "emb.npy"):
+            assert s[ext] == source[key][ext]
+    man = load_manifest(tmp_path / "held")
+    assert man["split"]["role"] == "heldout" and man["split"]["holdout"] == 5
+    assert man["image_encoder"] == {"name": "test", "dim": DIM}  # features stay usable
+
+
+def test_split_fraction_and_refusals(pairs: Path, tmp_path: Path) -> None:
+    split_pairs(pairs, tmp_path / "a", tmp_path / "b", holdout=0.25, progress=False)
+    assert len(samples(tmp_path / "b")) == 6
+    with pytest.raises(DatasetError, match="hold out at least one"):
+        split_pairs(pairs, tmp_path / "c", tmp_path / "d", holdout=N_IMAGES, progress=False)
+    with pytest.raises(DatasetError, match="overlaps the input dataset"):
+        split_pairs(pairs, pairs / "train", tmp_path / "e", holdout=2, progress=False)
+    with pytest.raises(DatasetError, match="exists and is not empty; pass --overwrite"):
+        split_pairs(pairs, tmp_path / "a", tmp_path / "f", holdout=2, progress=False)
+
+
+# ----------------------------------------------------------------------------------- noise lab
+
+
+def test_corruption_is_deterministic_and_its_ground_truth_exact(pairs: Path, tmp_path: Path) -> None:
+    s1 = corrupt(pairs, tmp_path / "n1", p=0.4, seed=7, progress=False)
+    corrupt(pairs, tmp_path / "n2", p=0.4, seed=7, progress=False)
+    corrupt(pairs, tmp_path / "n3", p=0.4, seed=8, progress=False)
+    shas = [[s["sha256"] for s in load_manifest(tmp_path / n)["shards"]] for n in ("n1", "n2", "n3")]
+    assert shas[0] == shas[1] and shas[0] != shas[2]
+
+    total = N_IMAGES * N_CAPS
+    n_bad = round(0.4 * total)
+    clean = {f"img{i:03d}": [f"image {i} caption {j} with distinct words" for j in range(N_CAPS)]
+             for i in range(N_IMAGES)}
+    tally = {"none": 0, "swap": 0, "generic": 0, "near": 0}
+    for key, s in samples(tmp_path / "n1").items():
+        meta = json.loads(s["json"])
+        assert meta["clean_captions"] == clean[key]
+        assert s["txt"].decode() == meta["captions"][0]
+        i = int(key[3:])
+        for cap, label, src, orig in zip(meta["captions"], meta["noise"], meta["noise_from"], clean[key], strict=True):
+            tally[label] += 1
+            if label == "none":
+                assert cap == orig and src is None
+            elif label == "swap":
+                assert src != key and cap in clean[src]
+            elif label == "near":
+                assert src == f"img{nearest_of(i):03d}" and cap in clean[src]
+            else:
+                assert src is None and all(cap not in caps for caps in clean.values())
+    assert sum(v for k, v in tally.items() if k != "none") == n_bad
+    assert max(tally["swap"], tally["generic"], tally["near"]) - min(tally["swap"], tally["generic"], tally["near"]) <= 1
+    man = load_manifest(tmp_path / "n1")
+    assert man["noise"]["counts"] == tally == s1.counts
+    assert man["noise"]["p"] == 0.4 and man["noise"]["captions"] == total
+
+
+def test_full_swap_moves_every_caption_to_another_image(pairs: Path, tmp_path: Path) -> None:
+    """p = 1, swap only: MCSE's shuffled-image control. Every caption of the dataset is used
+    exactly once, and never on its own image."""
+    corrupt(pairs, tmp_path / "shuffled", p=1.0, kinds=("swap",), seed=0, progress=False)
+    seen = []
+    for key, s in samples(tmp_path / "shuffled").items():
+        meta = json.loads(s["json"])
+        assert meta["noise"] == ["swap"] * N_CAPS
+        assert all(src != key for src in meta["noise_from"])
+        assert not set(meta["captions"]) & set(meta["clean_captions"])
+        seen += meta["captions"]
+    assert sorted(seen) == sorted(f"image {i} caption {j} with distinct words"
+                                  for i in range(N_IMAGES) for j in range(N_CAPS))
+
+
+def test_p_zero_changes_no_caption(pairs: Path, tmp_path: Path) -> None:
+    corrupt(pairs, tmp_path / "clean", p=0.0, progress=False)
+    for s in samples(tmp_path / "clean").values():
+        meta = json.loads(s["json"])
+        assert meta["captions"] == meta["clean_captions"] and set(meta["noise"]) == {"none"}
+
+
+def test_near_needs_features_and_bad_arguments_are_one_line(pairs: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    bare = tmp_path / "bare"
+    w = ShardWriter(bare, max_count=10)
+    for i in range(4):
+        w.write({"__key__": f"k{i}", "jpg": b"x", "txt": f"caption {i}"})
+    write_manifest(bare, {"kind": "pairs", "shards": shard_dicts(w.close())})
+    with pytest.raises(DatasetError, match=r"sample k0 has no emb.npy.*run `webmcse-data embed"):
+        corrupt(bare, tmp_path / "out", p=0.5, kinds=("near",), progress=False)
+    corrupt(bare, tmp_path / "out2", p=0.5, kinds=("swap", "generic"), progress=False)  # no features needed
+    assert cli(["corrupt", str(pairs), "--out", str(tmp_path / "x"), "--p", "1.5"]) == 2
+    assert cli(["corrupt", str(pairs), "--out", str(tmp_path / "y"), "--p", "0.2", "--kinds", "typo"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: --p 1.5: the fraction of corrupted captions must be in [0, 1]",
+                      "error: --kinds typo: choose from swap, generic, near"]
