@@ -1,7 +1,8 @@
 """Data pipeline throughput: sharding, downloading (ours vs img2dataset), embedding.
 
 (a) ``shard-pairs`` on local real photos (the 239 COCO photos of shared/data/pairs/coco_mini,
-    listed repeatedly up to --images rows, exact/near dedup off so repeats are kept): samples/s
+    listed repeatedly up to --images rows by absolute path — ``--allow-outside-paths``, one
+    record per row — with exact/near dedup off so repeats are kept): samples/s
     with 1 worker and with every core, per core, and with ``--max-side 384`` re-encoding.
 (b) The same URL list fetched by our downloader (``shard-pairs`` on a url table) and by
     img2dataset (its Python API, webdataset output, same processes/threads/timeout, no
@@ -68,7 +69,8 @@ def bench_shard(tmp: Path, n_images: int, workers: int) -> list[dict[str, Any]]:
         out = tmp / f"local_w{w}_{max_side}"
         t0 = time.perf_counter()
         s = shard_pairs([table], out, dedup="none", near_dup_distance=None, workers=w, chunk_size=32,
-                        images=ImageOptions(max_side=max_side), max_count=500, progress=False)
+                        images=ImageOptions(max_side=max_side), max_count=500, allow_outside_paths=True,
+                        group_by_image=False, progress=False)
         dt = time.perf_counter() - t0
         results.append({"workers": w, "max_side": max_side, "samples": s.written, "seconds": dt,
                         "rate": s.written / dt, "per_core": s.written / dt / w, "mb_s": mb / dt})
@@ -216,7 +218,8 @@ def bench_embed(tmp: Path, n_images: int, device: str, batch: int) -> dict[str, 
             path, cap = photos[i % len(photos)]
             fh.write(json.dumps({"key": f"e{i:06d}", "file": str(path), "caption": cap}) + "\n")
     ds = tmp / "embed_ds"
-    shard_pairs([table], ds, dedup="none", near_dup_distance=None, max_count=128, progress=False)
+    shard_pairs([table], ds, dedup="none", near_dup_distance=None, max_count=128, allow_outside_paths=True,
+                group_by_image=False, progress=False)
     enc = load_image_encoder("efficientnet_lite0")
     enc.model.to(device)
     x = torch.randn(batch, 3, 224, 224, device=device)

@@ -9,6 +9,8 @@ image with several distinct captions survives while true repeats do not.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 from typing import Any, Literal
 
 DedupMode = Literal["image", "pair", "none"]
@@ -91,30 +93,63 @@ def phash_hex(value: int) -> str:
     return f"{value:016x}"
 
 
+def _band_plan(n: int, d: int) -> tuple[int, int]:
+    """(bands m, probe radius r) that make a lookup cheapest with ``n`` stored hashes.
+
+    Generalised pigeonhole: if two hashes differ in at most d bits, one of m disjoint bands
+    differs in at most r = d // m bits, so probing every value within radius r of each of
+    the query's m band values finds every match. Cost = probes + 2 x expected candidates
+    (a candidate is an xor + popcount); candidates per probe are n / 2^width.
+    """
+    best: tuple[float, int, int] | None = None
+    for m in range(1, d + 2):
+        r = d // m
+        widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
+        per_band = [sum(math.comb(w, k) for k in range(r + 1)) for w in widths]
+        cost = sum(per_band) + 2 * sum(p * n / 2 ** w for p, w in zip(per_band, widths, strict=True))
+        if best is None or cost < best[0]:
+            best = (cost, m, r)
+    assert best is not None
+    return best[1], best[2]
+
+
 class NearDupIndex:
     """Finds a stored 64-bit hash within Hamming distance ``d`` of a query, without O(N²).
 
-    Multi-index hashing: split the 64 bits into d+1 disjoint bands. If two hashes differ in
-    at most d bits, by pigeonhole at least one band is identical, so it suffices to look up
-    each band of the query in that band's table and check only those candidates. With d=4
-    each band has 12-13 bits: a query touches 5 buckets of ~N/2^12.8 hashes each, i.e.
-    ~0.15% of the index instead of all of it (for d=0 it is one exact set lookup). Memory is
-    one int per stored hash plus d+1 dict/list slots.
+    Multi-index hashing: split the 64 bits into m disjoint bands. If two hashes differ in at
+    most d bits, by pigeonhole one band differs in at most r = d // m bits, so it suffices to
+    probe each band's table at the query's band value and its neighbours within r bits, and
+    check only the hashes found there. Small indexes use m = d+1 bands (r = 0: one exact
+    lookup per band; with d=4, 5 bands of ~13 bits). As the index grows those buckets fill
+    (N/2^13 hashes each), so at every doubling the index re-plans m and r for the cheapest
+    lookup (:func:`_band_plan`) and rebuilds once: with d=4, 3 bands probed at radius 1 from
+    ~3M hashes, 2 bands of 32 bits at radius 2 from ~40M. A lookup then costs about the
+    same at 10M hashes as at 10k. The answer is exact either way; only the work changes.
+    Memory: m dict entries per stored hash (a bucket of one holds the int itself).
     """
 
-    def __init__(self, max_distance: int) -> None:
+    def __init__(self, max_distance: int, plan: tuple[int, int] | None = None) -> None:
+        """``plan`` = (bands, radius) fixes the layout (it must satisfy radius >= d // bands);
+        by default it adapts to the index size."""
         if not 0 <= max_distance < 32:
             raise ValueError(f"near-duplicate distance {max_distance} out of range 0..31")
+        if plan is not None and not (1 <= plan[0] <= 64 and plan[1] >= max_distance // plan[0]):
+            raise ValueError(f"plan {plan} misses matches at distance {max_distance}")
         self.max_distance = max_distance
-        n = max_distance + 1
-        widths = [64 // n + (1 if i < 64 % n else 0) for i in range(n)]
-        self._bands: list[tuple[int, int]] = []  # (shift, mask)
+        self._n = 0
+        self._next_plan = 1024 if plan is None else math.inf
+        self._layout(*(plan or (max_distance + 1, 0)))
+
+    def _layout(self, m: int, r: int) -> None:
+        widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
+        self._bands: list[tuple[int, int, list[int]]] = []  # (shift, mask, probe xor masks)
         shift = 0
         for w in widths:
-            self._bands.append((shift, (1 << w) - 1))
+            probes = [sum(1 << b for b in bits) for k in range(r + 1) for bits in itertools.combinations(range(w), k)]
+            self._bands.append((shift, (1 << w) - 1, probes))
             shift += w
-        self._tables: list[dict[int, list[int]]] = [{} for _ in widths]
-        self._n = 0
+        self._tables: list[dict[int, Any]] = [{} for _ in widths]
+        self.plan = (m, r)
 
     def __len__(self) -> int:
         return self._n
@@ -122,13 +157,40 @@ class NearDupIndex:
     def find(self, value: int) -> int | None:
         """A stored hash within the distance of ``value``, or None."""
         d = self.max_distance
-        for (shift, mask), table in zip(self._bands, self._tables, strict=True):
-            for cand in table.get((value >> shift) & mask, ()):
-                if (cand ^ value).bit_count() <= d:
-                    return cand
+        for (shift, mask, probes), table in zip(self._bands, self._tables, strict=True):
+            key = (value >> shift) & mask
+            for x in probes:
+                bucket = table.get(key ^ x)
+                if bucket is None:
+                    continue
+                if isinstance(bucket, int):
+                    if (bucket ^ value).bit_count() <= d:
+                        return bucket
+                    continue
+                for cand in bucket:
+                    if (cand ^ value).bit_count() <= d:
+                        return cand
         return None
 
+    def _insert(self, value: int) -> None:
+        for (shift, mask, _), table in zip(self._bands, self._tables, strict=True):
+            key = (value >> shift) & mask
+            bucket = table.get(key)
+            if bucket is None:
+                table[key] = value
+            elif isinstance(bucket, int):
+                table[key] = [bucket, value]
+            else:
+                bucket.append(value)
+
     def add(self, value: int) -> None:
-        for (shift, mask), table in zip(self._bands, self._tables, strict=True):
-            table.setdefault((value >> shift) & mask, []).append(value)
+        self._insert(value)
         self._n += 1
+        if self._n >= self._next_plan:
+            self._next_plan *= 2
+            plan = _band_plan(self._n, self.max_distance)
+            if plan != self.plan:
+                values = [v for b in self._tables[0].values() for v in ((b,) if isinstance(b, int) else b)]
+                self._layout(*plan)
+                for v in values:
+                    self._insert(v)

@@ -386,14 +386,37 @@ def test_near_dup_index_matches_brute_force() -> None:
         flips = rng.sample(range(64), rng.randint(1, 9))
         stored.append(q ^ sum(1 << b for b in flips))
     for d in (0, 3, 6, 9):
-        idx = NearDupIndex(d)
-        for h in stored:
-            idx.add(h)
-        for q in queries:
-            brute = any((q ^ h).bit_count() <= d for h in stored)
-            found = idx.find(q)
-            assert (found is not None) == brute
-            assert found is None or (found ^ q).bit_count() <= d
+        brute = [any((q ^ h).bit_count() <= d for h in stored) for q in queries]
+        # Every layout the index may choose: d+1 exact bands, fewer bands probed at a radius.
+        for plan in [None] + [(m, d // m) for m in range(2 if d > 2 else 1, d + 2)]:
+            idx = NearDupIndex(d, plan=plan)
+            for h in stored:
+                idx.add(h)
+            for q, want in zip(queries, brute, strict=True):
+                found = idx.find(q)
+                assert (found is not None) == want, (d, plan)
+                assert found is None or (found ^ q).bit_count() <= d
+    with pytest.raises(ValueError, match="misses matches"):
+        NearDupIndex(4, plan=(2, 1))
+
+
+def test_near_dup_index_replans_as_it_grows_and_stays_exact() -> None:
+    rng = np.random.default_rng(1)
+    stored = rng.integers(0, 2**63, 70_000, dtype=np.int64).astype(np.uint64) * np.uint64(2) + \
+        rng.integers(0, 2, 70_000).astype(np.uint64)
+    idx = NearDupIndex(4)
+    plans = set()
+    for h in stored.tolist():
+        idx.add(h)
+        plans.add(idx.plan)
+    assert plans == {(5, 0), (3, 1)} and len(idx) == 70_000  # re-planned once, past ~48k hashes
+    near = zip(rng.integers(0, len(stored), 100).tolist(), [rng.choice(64, 4, replace=False) for _ in range(100)],
+               strict=True)
+    queries = [int(stored[i]) ^ sum(1 << int(b) for b in bits) for i, bits in near] + \
+        rng.integers(0, 2**63, 100, dtype=np.int64).tolist()
+    for q in queries:
+        dist = np.bitwise_count(stored ^ np.uint64(q))
+        assert (idx.find(q) is not None) == bool((dist <= 4).any())
 
 
 def test_exact_and_near_dedup_are_global_across_shards(tmp_path: Path) -> None:
