@@ -13,8 +13,8 @@
     phashes, 5% exact repeats, 2% near copies 1-3 bits away, 1% repeated keys), replayed by
     ``plan_merge`` in a fresh process: seconds, and the peak resident memory above the
     process's own before the replay (sampled every 50 ms).
-(c) The cost every part pays for the rows it does not own: reading a --scan-rows jsonl
-    table with grouping, keeping 1/64 of it.
+(c) The cost every part pays for the rows it does not own: reading a --scan-rows URL table
+    (jsonl, then parquet) with grouping, keeping 1/64 of it.
 
     flock /tmp/webmcse-heavy.lock python bench/bench_data_parts.py [--rows 1200] [--merge-rows 1000000]
                                                                    [--scan-rows 1000000] [--no-write]
@@ -197,24 +197,32 @@ def bench_replay(tmp: Path, n_rows: int) -> list[dict[str, Any]]:
 # --- (c) reading rows another part owns ------------------------------------------------------------
 
 
-def bench_scan(tmp: Path, n_rows: int) -> dict[str, Any]:
+def bench_scan(tmp: Path, n_rows: int) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from data_tools.sources import partition, read_pairs
 
-    path = tmp / "scan.jsonl"
-    with open(path, "w") as fh:
-        for i in range(n_rows):
-            fh.write(json.dumps({"key": f"r{i}", "url": f"https://img.example.com/{i}.jpg",
-                                 "caption": f"a caption of row {i} with a few words"}) + "\n")
-    t0 = time.perf_counter()
-    kept = sum(1 for _ in read_pairs([path], select=partition(0, 64)))
-    dt = time.perf_counter() - t0
-    return {"rows": n_rows, "kept": kept, "seconds": dt, "rate": n_rows / dt}
+    rows = [{"key": f"r{i}", "url": f"https://img.example.com/{i}.jpg",
+             "caption": f"a caption of row {i} with a few words"} for i in range(n_rows)]
+    with open(tmp / "scan.jsonl", "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    pq.write_table(pa.Table.from_pylist(rows), tmp / "scan.parquet")
+    del rows
+    out = []
+    for name in ("scan.jsonl", "scan.parquet"):
+        t0 = time.perf_counter()
+        kept = sum(1 for _ in read_pairs([tmp / name], select=partition(0, 64)))
+        dt = time.perf_counter() - t0
+        out.append({"format": name.split(".")[1], "rows": n_rows, "kept": kept, "seconds": dt, "rate": n_rows / dt})
+    return out
 
 
 # --- report -------------------------------------------------------------------------------------
 
 
-def render(a: list[dict[str, Any]], b: list[dict[str, Any]], c: dict[str, Any] | None, args: argparse.Namespace,
+def render(a: list[dict[str, Any]], b: list[dict[str, Any]], c: list[dict[str, Any]] | None, args: argparse.Namespace,
            workers: int) -> str:
     parts_out = []
     if a:
@@ -247,10 +255,12 @@ def render(a: list[dict[str, Any]], b: list[dict[str, Any]], c: dict[str, Any] |
                              f"{mem * per_m:.0f} | {r['written']:,} | "
                              f"{', '.join(f'{k} {v:,}' for k, v in sorted(r['dropped'].items()))} |")
     if c:
-        parts_out.append(f"\n**(c) Rows a part does not own**: reading a {c['rows']:,}-row jsonl URL table (grouping "
-                         f"pre-pass included) and keeping 1/64 of it ({c['kept']:,} records): "
-                         f"{c['seconds']:.1f} s, **{c['rate']:,.0f} rows/s** — the cost each part pays per input "
-                         f"row it skips.")
+        parts_out.append(f"\n**(c) Rows a part does not own**: reading a {c[0]['rows']:,}-row URL table and keeping "
+                         f"1/64 of it ({c[0]['kept']:,} records), grouping pre-pass included — the cost each part "
+                         f"pays per input row it skips\n")
+        parts_out.append("| table | seconds | rows/s |\n|---|---|---|")
+        for r in c:
+            parts_out.append(f"| {r['format']} | {r['seconds']:.1f} | {r['rate']:,.0f} |")
     return "\n".join(parts_out)
 
 

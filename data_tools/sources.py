@@ -173,14 +173,20 @@ def _as_captions(value: Any) -> list[str]:
     return []
 
 
-def _rows(path: Path, kind: str, columns: list[str] | None = None
+_SKIP: dict[str, Any] = {}
+"""A row another partition owns (parquet only: it is never converted to Python)."""
+
+
+def _rows(path: Path, kind: str, owned: Callable[[int, Any], bool] | None = None, image_col: str | None = None
           ) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """(line number, row or None, error) for every data row, streaming.
 
     A bad row is yielded with its error (the caller counts it, or stops in --strict mode);
     a file that cannot be read on at all (a cut .gz, a corrupt parquet page) raises
-    :class:`_Unreadable` naming the line/row where reading stopped. ``columns`` limits a
-    parquet read to those columns (the grouping pre-pass reads only the image column).
+    :class:`_Unreadable` naming the line/row where reading stopped. For parquet,
+    ``owned(row number, image cell)`` decides from the image column alone which rows are
+    converted to Python at all; the others come back as :data:`_SKIP` (a part of a
+    partitioned run skips most rows: this keeps skipping cheap).
     """
     counter = [0]
     rowno = 0
@@ -212,10 +218,19 @@ def _rows(path: Path, kind: str, columns: list[str] | None = None
             import pyarrow.parquet as pq
 
             pf = pq.ParquetFile(path)
-            for batch in pf.iter_batches(batch_size=4096, columns=columns):
-                for row in batch.to_pylist():
+            for batch in pf.iter_batches(batch_size=4096):
+                if owned is None or image_col is None:
+                    for row in batch.to_pylist():
+                        rowno += 1
+                        yield rowno, row, None
+                    continue
+                cells = batch.column(image_col).to_pylist()
+                keep = [i for i, cell in enumerate(cells) if owned(rowno + i + 1, cell)]
+                taken = iter(batch.take(keep).to_pylist()) if keep else iter(())
+                wanted = set(keep)
+                for i in range(len(cells)):
                     rowno += 1
-                    yield rowno, row, None
+                    yield rowno, (next(taken) if i in wanted else _SKIP), None
     except _Unreadable:
         raise
     except (csv.Error, OSError, ValueError, EOFError) as exc:
@@ -326,8 +341,8 @@ def _repeated_refs(spec: TableSpec, allow_outside: bool, select: Select | None) 
     base = spec.path.parent
     hashes: list[int] = []
     try:
-        for _, row, _ in _rows(spec.path, spec.kind):
-            if row is None or bad_text(row):
+        for _, row, _ in _rows(spec.path, spec.kind, _owner(spec, allow_outside, select), spec.image):
+            if row is None or row is _SKIP or bad_text(row):
                 continue
             url, path, err = _image_target(row.get(spec.image), base, allow_outside)
             if err is None:
@@ -341,6 +356,20 @@ def _repeated_refs(spec: TableSpec, allow_outside: bool, select: Select | None) 
     values, counts = np.unique(np.array(hashes, dtype=np.uint64), return_counts=True)
     rep = counts > 1
     return {int(v): int(c) for v, c in zip(values[rep], counts[rep], strict=True)}
+
+
+def _owner(spec: TableSpec, allow_outside: bool, select: Select | None) -> Callable[[int, Any], bool] | None:
+    """``select`` applied to a row from its image cell alone (see :func:`_rows`): the same
+    reference :attr:`Pair.ref` gives, the row's location when the cell is unusable."""
+    if select is None:
+        return None
+    base = spec.path.parent
+
+    def owned(lineno: int, cell: Any) -> bool:
+        url, image_path, problem = _image_target(cell, base, allow_outside)
+        return select(url or (image_path if problem is None else None) or f"{spec.path}:{lineno}")
+
+    return owned
 
 
 def read_table(
@@ -369,8 +398,10 @@ def read_table(
     repeats = _repeated_refs(spec, allow_outside, select) if group else {}
     open_groups: dict[str, list[Any]] = {}  # ref -> [pair, rows seen, expected rows, first local row]
     try:
-        for lineno, row, err in _rows(path, spec.kind):
+        for lineno, row, err in _rows(path, spec.kind, _owner(spec, allow_outside, select), spec.image):
             local = counter.take()
+            if row is _SKIP:
+                continue
             where = f"{path}:{lineno}"
             if row is None:
                 if select is None or select(where):

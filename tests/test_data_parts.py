@@ -218,3 +218,31 @@ def test_merge_applies_the_clip_top_fraction_as_one_machine(tmp_path: Path) -> N
     assert (two.written, two.dropped) == (one.written, one.dropped) == (10, {"duplicate": 1, "clip_score_low": 14})
     assert content(tmp_path / "two") == content(tmp_path / "one")
     assert load_manifest(tmp_path / "two")["filters"]["clip"] == load_manifest(tmp_path / "one")["filters"]["clip"]
+
+
+def test_parquet_parts_skip_rows_without_converting_them_and_still_equal_one_machine(
+        web: tuple[Path, Path], tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table, _ = web
+    rows = []
+    for line in table.read_text(encoding="utf-8").splitlines():
+        try:  # parquet strings are UTF-8: the bad JSON line and the lone surrogate stay out
+            row = json.loads(line)
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except (ValueError, UnicodeEncodeError):
+            continue
+        rows.append(row)
+    rows += [{"key": "noref", "file": None, "caption": "a row without an image"},
+             {"key": "out", "file": "../elsewhere.jpg", "caption": "a path leaving the folder"}]
+    pq.write_table(pa.Table.from_pylist(rows), table.parent / "web.parquet")
+    single = tmp_path / "single"
+    shard_pairs([table.parent / "web.parquet"], single, eval_sts=STS, **OPTS)
+    for i in range(3):
+        shard_pairs([table.parent / "web.parquet"], tmp_path / "three", eval_sts=STS, part=i, parts=3, **OPTS)
+    merge(tmp_path / "three", progress=False)
+    assert content(tmp_path / "three") == content(single)
+    ms, mm = load_manifest(single), load_manifest(tmp_path / "three")
+    assert mm["counts"] == ms["counts"] and mm["drop_examples"] == ms["drop_examples"]
+    assert {"missing_image_ref", "path_outside_root", "duplicate", "near_duplicate"} <= set(ms["counts"]["dropped"])
