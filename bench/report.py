@@ -57,13 +57,27 @@ def git_rev() -> str:
 
 def write_section(name: str, title: str, body: str, command: str) -> None:
     """Replace (or append) the section `name` of docs/BENCHMARKS.md."""
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text(encoding="utf-8") if DOC.exists() else HEADER
-    stamp = _dt.date.today().isoformat()
+    write_section_to(DOC, name, title, body, command)
+
+
+def write_section_to(doc: Path, name: str, title: str, body: str, command: str, *,
+                     stamp: str | None = None) -> None:
+    """Replace (or append) the section `name` of any copy of BENCHMARKS.md.
+
+    `stamp` replaces the "Measured <today> at commit <HEAD> on <this machine>" line: figures
+    measured on another machine (a lent GPU) keep the machine, date and commit they were
+    measured on. The file is replaced by rename, so an interrupted write leaves it whole.
+    """
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    text = doc.read_text(encoding="utf-8") if doc.exists() else HEADER
+    if stamp is None:
+        stamp = f"Measured {_dt.date.today().isoformat()} at commit {git_rev()} on {machine()}."
     section = (f"<!-- bench:{name} -->\n## {title}\n\n{body.strip()}\n\n"
-               f"Measured {stamp} at commit {git_rev()} on {machine()}.\n"
+               f"{stamp}\n"
                f"Command: `{command.strip()}`\n<!-- /bench:{name} -->")
     pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
     found = pattern.search(text)
     text = pattern.sub(lambda _: section, text) if found else text.rstrip() + "\n\n" + section + "\n"
-    DOC.write_text(text, encoding="utf-8")
+    tmp = doc.with_name(doc.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(doc)
