@@ -142,6 +142,11 @@ def _parser() -> argparse.ArgumentParser:
     sf.add_argument("--clip-batch-size", type=int, default=64)
     _no_progress(sf)
 
+    from data_tools import noise, split
+
+    split.add_parser(sub)
+    noise.add_parser(sub)
+
     fe = sub.add_parser("fetch-eval-data", help="download the SentEval STS suite into DIR")
     fe.add_argument("dir")
     fe.add_argument("--url", help="archive URL or local path to use instead of the default source")
@@ -221,6 +226,14 @@ def main(argv: list[str] | None = None) -> int:
                                 batch_size=args.clip_batch_size) if args.clip_model else None)
             summary = filter_clip(args.dataset, top_fraction=args.top_fraction, threshold=args.threshold,
                                   clip=clip, progress=args.progress)
+        elif args.verb == "split":
+            from data_tools import split
+
+            summary = split.run(args)
+        elif args.verb == "corrupt":
+            from data_tools import noise
+
+            summary = noise.run(args)
         else:
             from data_tools.evaldata import fetch_eval_data
 
