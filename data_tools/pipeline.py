@@ -314,13 +314,22 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: 
     pool = _pool(workers)
     pending: deque[tuple[T, Future[R]]] = deque()
     it = iter(items)
+    breaks = 0  # pool restarts since the last result a pool delivered
+
+    def submit(item: T) -> Future[R]:
+        try:
+            return pool.submit(fn, item)
+        except BrokenProcessPool as exc:  # broke while we were submitting: handled at the head
+            fut: Future[R] = Future()
+            fut.set_exception(exc)
+            return fut
 
     def fill() -> None:
         while len(pending) < window:
             nxt = next(it, _END)
             if nxt is _END:
                 return
-            pending.append((nxt, pool.submit(fn, nxt)))  # type: ignore[arg-type]
+            pending.append((nxt, submit(nxt)))  # type: ignore[arg-type]
 
     try:
         fill()
@@ -328,16 +337,21 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: 
             item, fut = pending.popleft()
             try:
                 result = fut.result()
+                breaks = 0
             except BrokenProcessPool as exc:
                 if on_crash is None:
                     raise
+                breaks += 1
+                if breaks > 3:
+                    raise RuntimeError(f"worker processes keep dying before finishing any work ({exc}); "
+                                       f"run with --workers 1 to see why") from None
                 log.warning("a worker process died; restarting the pool and isolating the work it held")
                 pool.shutdown(wait=True, cancel_futures=True)
                 pool = _pool(workers)
                 again = list(pending)
                 pending.clear()
                 for other, _ in again:
-                    pending.append((other, pool.submit(fn, other)))
+                    pending.append((other, submit(other)))
                 result = on_crash(item, exc)
             except Exception as exc:
                 if on_crash is None:
