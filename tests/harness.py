@@ -17,7 +17,8 @@ installed in the child before the run starts, by patching the trainer's own func
 - kill_in_rotation {step}: SIGKILL after checkpoint `step` committed, before old ones are deleted;
 - nan_at_step {rank, step}: a NaN loss on that rank at that step;
 - stall_at_step {rank, step}: the rank stops making progress at that step;
-- slow_eval {seconds_per_batch}: rank 0's evaluation batches take that much longer.
+- slow_eval {seconds_per_batch}: rank 0's evaluation batches take that much longer;
+- record_dropout_seeds {path}: (a probe) append the torch seed each step starts from to path.rank<R>.
 """
 
 from __future__ import annotations
@@ -112,6 +113,17 @@ def _install(faults: list[dict[str, Any]], rank: int) -> None:
                 return _real(*a, **k)
 
             train_mod.make_encoder = slow_encoder
+        elif kind == "record_dropout_seeds":  # a probe, not a fault: the seed each step ran with
+            real_step = train_mod.train_step
+
+            def recording(*a: Any, _real=real_step, _f=f, **k: Any) -> Any:
+                import torch
+
+                with open(f"{_f['path']}.rank{rank}", "a", encoding="utf-8") as fh:
+                    fh.write(f"{torch.initial_seed()}\n")
+                return _real(*a, **k)
+
+            train_mod.train_step = recording
         else:
             raise ValueError(f"unknown fault {kind}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import random
 import signal
 import subprocess
@@ -78,34 +79,65 @@ def consumed_keys(run_dir: Path) -> collections.Counter:
     return collections.Counter(k for keys in last.values() for k in keys)
 
 
-def scenarios(world: int) -> list[tuple[str, list[dict]]]:
-    seeds = [random.Random(s).randint(2, STEPS - 2) for s in (1, 2)]
-    out = [(f"kill_step{k}", [{"kind": "kill_after_step", "rank": world - 1, "step": k}]) for k in seeds]
-    out.append(("kill_before_commit", [{"kind": "kill_before_commit", "rank": 0, "step": 15}]))
+DRILL_SEED = int(os.environ.get("WEBMCSE_DRILL_SEED", random.SystemRandom().randrange(10**6)))
+
+
+def scenarios(world: int) -> list[tuple[str, list[list[dict]]]]:
+    """Each scenario: the faults of each killed attempt in order (a resume follows the last).
+    Kill steps are drawn from a seeded RNG (WEBMCSE_DRILL_SEED reproduces a run): one before the
+    first checkpoint (step 5), one after it, and a run killed twice (the second attempt counts
+    steps from its own start, so it dies after a resume) before its final resume."""
+    rng = random.Random(DRILL_SEED * 10 + world)
+    early, late = rng.randint(1, 4), rng.randint(6, STEPS - 2)
+    first, second = rng.randint(5, 12), rng.randint(3, 10)
+    kill = {"kind": "kill_after_step", "rank": world - 1}
+    out = [(f"kill_step{early}", [[{**kill, "step": early}]]),
+           (f"kill_step{late}", [[{**kill, "step": late}]]),
+           (f"kill_twice_{first}_{second}", [[{**kill, "step": first}], [{**kill, "rank": 0, "step": second}]]),
+           ("kill_before_commit", [[{"kind": "kill_before_commit", "rank": 0, "step": 15}]])]
     if world == 1:
-        out.append(("kill_in_rotation", [{"kind": "kill_in_rotation", "rank": 0, "step": 20}]))
+        out.append(("kill_in_rotation", [[{"kind": "kill_in_rotation", "rank": 0, "step": 20}]]))
     return out
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_killed_and_resumed_runs_end_bit_identical(tmp_path: Path, base_config: Path, world: int) -> None:
+    print(f"reliability drill: WEBMCSE_DRILL_SEED={DRILL_SEED}; scenarios {[n for n, _ in scenarios(world)]}")
     runs = tmp_path / "runs"
-    jobs = [job("uninterrupted", base_config, runs, "base", world)]
-    for name, faults in scenarios(world):
-        jobs.append(job(f"{name}-killed", base_config, runs, name, world, faults))
+    probe = [{"kind": "record_dropout_seeds", "path": str(tmp_path / "seeds")}]
+    jobs = [job("uninterrupted", base_config, runs, "base", world, probe)]
+    for name, attempts in scenarios(world):
+        for i, faults in enumerate(attempts):
+            jobs.append(job(f"{name}-killed{i}", base_config, runs, name, world, faults))
         jobs.append(job(f"{name}-resumed", base_config, runs, name, world))
     results = {r["name"]: r for r in run_jobs(tmp_path, jobs)}
     assert results["uninterrupted"]["ok"], results["uninterrupted"]
     base_w, base_keys = weights(runs / "base"), consumed_keys(runs / "base")
-    for name, _ in scenarios(world):
-        killed, resumed = results[f"{name}-killed"], results[f"{name}-resumed"]
-        assert not killed["ok"] and any(r["signal"] == signal.SIGKILL for r in killed["ranks"].values()), killed
-        assert resumed["ok"], (name, resumed)
+    # Every rank draws its dropout masks from its own stream, a function of (seed, rank, step).
+    from trainer.train import dropout_seed
+
+    seeds = [[int(x) for x in (tmp_path / f"seeds.rank{r}").read_text().split()] for r in range(world)]
+    for r in range(world):
+        assert seeds[r] == [dropout_seed(11, r, step) for step in range(STEPS)]
+    assert world == 1 or not set(seeds[0]) & set(seeds[1])
+    for name, attempts in scenarios(world):
+        for i in range(len(attempts)):
+            killed = results[f"{name}-killed{i}"]
+            assert not killed["ok"] and any(r["signal"] == signal.SIGKILL for r in killed["ranks"].values()), \
+                (DRILL_SEED, killed)
+        resumed = results[f"{name}-resumed"]
+        assert resumed["ok"], (DRILL_SEED, name, resumed)
         run_dir = runs / name
         log = (tmp_path / "logs" / f"{name}-resumed.rank0.log").read_text()
-        killed_at = next(f.get("step") for f in dict(scenarios(world))[name])
-        # Killed before the first checkpoint (every 5 steps): the run starts again from scratch.
-        assert ("resumed from" in log) == (killed_at >= 5), name
+        # Where each attempt started and died decides whether a committed checkpoint exists (one
+        # every 5 steps, written after the step; a SIGKILL right after step k precedes k's own).
+        committed = 0
+        for faults in attempts:
+            if faults[0]["kind"] == "kill_after_step":
+                committed = max(committed, (committed + faults[0]["step"] - 1) // 5 * 5)
+            else:
+                committed = 10  # killed while checkpoint 15 was written or rotated: 10 or later stands
+        assert ("resumed from" in log) == (committed >= 5), (DRILL_SEED, name)
         if name == "kill_before_commit":
             assert "step_00000010" in log  # the half-written step 15 was ignored
             assert not (run_dir / "checkpoints" / "step_00000015").exists() or \
@@ -113,8 +145,8 @@ def test_killed_and_resumed_runs_end_bit_identical(tmp_path: Path, base_config: 
         got = weights(run_dir)
         assert set(got) == set(base_w)
         for key, value in base_w.items():
-            assert torch.equal(got[key], value), (name, key)
-        assert consumed_keys(run_dir) == base_keys, name  # same multiset: 0 missing, 0 duplicated
+            assert torch.equal(got[key], value), (DRILL_SEED, name, key)
+        assert consumed_keys(run_dir) == base_keys, (DRILL_SEED, name)  # same multiset: 0 missing, 0 duplicated
         ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         assert len([c for c in ckpts if c.startswith("step_")]) <= 2 and not [c for c in ckpts if c.startswith(".")]
 
@@ -193,3 +225,34 @@ def test_zero3_checkpoint_kill_resume_and_fp32_export(tmp_path: Path, base_confi
     final = dict(load_file(str(runs / "z3" / "final" / "model.safetensors")))
     assert set(exported) == set(final)
     assert all(torch.equal(exported[k], final[k]) for k in final)
+
+
+def test_a_two_rank_run_resumed_on_four_ranks_continues_its_epochs(tmp_path: Path, base_config: Path) -> None:
+    """A real 2 -> 4 resume: the 2-rank job dies after step 13 (checkpoint 10), the same run
+    continues on 4 ranks. The global batch, and so the step count, stays; every epoch in progress
+    is re-dealt to the 4 ranks; within each (source, epoch) no key is read twice."""
+    runs = tmp_path / "runs"
+    w2, w4 = run_jobs(tmp_path, [
+        job("w2", base_config, runs, "elastic", 2, [{"kind": "kill_after_step", "rank": 1, "step": 13}]),
+        job("w4", base_config, runs, "elastic", 4),
+    ])
+    assert not w2["ok"] and w4["ok"], w4
+    log = (tmp_path / "logs" / "w4.rank0.log").read_text()
+    assert "resumed from" in log and "step_00000010" in log
+    assert "re-dealt from 4 slots (2 rank(s) x 2 worker(s), batch 8) to 8 (4 x 2, batch 4)" in log
+    assert "global batch 16 = 4 process(es) x 4" in log
+    last: dict[tuple[str, int], dict] = {}
+    for path in sorted((runs / "elastic" / "sample_keys").glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            last[(path.stem, rec["step"])] = rec  # steps 11-13 of the dead run are redone
+    assert {step for _, step in last} == set(range(1, STEPS + 1))
+    assert sum(len(r["keys"]) for r in last.values()) == STEPS * 16
+    by_epoch: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
+    for rec in last.values():
+        by_epoch[(rec["source"], rec["epoch"])] += rec["keys"]
+    assert len(by_epoch) > 3  # the caption source (76 photos) went through several epochs
+    for (source, epoch), keys in by_epoch.items():
+        assert len(keys) == len(set(keys)), (source, epoch)
+    state = json.loads((runs / "elastic" / "results.json").read_text())["state"]
+    assert state["step"] == STEPS and state["resumed_from"] == [10]

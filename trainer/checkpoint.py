@@ -206,6 +206,17 @@ def verify(ckpt: Path, files: list[str] | None = None) -> dict[str, Any]:
     return meta
 
 
+def load_data_states(ckpt: Path) -> list[dict[str, Any]]:
+    """Every rank's saved data position, in rank order: a resume with another layout re-deals
+    the epoch in progress from all of them."""
+    meta = json.loads((ckpt / COMMIT_MARKER).read_text(encoding="utf-8"))
+    out = []
+    for rank in range(int(meta.get("world_size", 1))):
+        path = ckpt / f"data_rank{rank}.json"
+        out.append(json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {})
+    return out
+
+
 def load_checkpoint(ckpt: Path, accelerator: Any, model: Any, optimizer: Any,
                     scheduler: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
     """Restore model, optimizer and schedule; return (trainer_state, this rank's data state,
@@ -215,9 +226,13 @@ def load_checkpoint(ckpt: Path, accelerator: Any, model: Any, optimizer: Any,
     rank = accelerator.process_index
     meta = json.loads((ckpt / COMMIT_MARKER).read_text(encoding="utf-8"))
     if meta.get("world_size") != accelerator.num_processes and meta.get("deepspeed"):
-        raise CheckpointError(f"{ckpt}: a DeepSpeed checkpoint of world size {meta.get('world_size')} cannot "
-                              f"load at world size {accelerator.num_processes}; convert it with DeepSpeed's "
-                              f"ds_to_universal or export it (python -m trainer.checkpoint export)")
+        raise CheckpointError(f"{ckpt}: a DeepSpeed ZeRO checkpoint of world size {meta.get('world_size')} cannot "
+                              f"load at world size {accelerator.num_processes} (its shards are per rank): resume "
+                              f"with {meta.get('world_size')} processes, or export full weights with `python -m "
+                              f"trainer.checkpoint export {ckpt} OUT` and start from model.name_or_path=OUT "
+                              f"(DeepSpeed's `python -m deepspeed.checkpoint.ds_to_universal --input_folder "
+                              f"{ckpt}/ds/{DS_TAG} "
+                              f"--output_folder DIR` converts the optimizer state for DeepSpeed's own loader)")
     if _is_deepspeed(accelerator):
         path, _ = model.load_checkpoint(str(ckpt / "ds"), tag=DS_TAG, load_optimizer_states=True,
                                         load_lr_scheduler_states=False)

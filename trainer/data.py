@@ -376,7 +376,8 @@ def _seed(*parts: Any) -> int:
 @dataclass
 class Position:
     """Where a (rank, worker) slot stands: the next sample is ``offset`` into the shuffled
-    window ``window`` of epoch ``epoch``, after ``emitted`` samples of that epoch.
+    window ``window`` of epoch ``epoch`` (in a re-dealt epoch, ``window`` counts the slot's
+    segments and ``offset`` indexes the segment's window), after ``emitted`` samples of that epoch.
     ``read_skips`` counts corrupt samples in the windows *before* this one (the current window
     is re-read on resume and counts its own again); ``image_skips`` counts undecodable images
     of batches already handed out."""
@@ -435,6 +436,141 @@ def plan_epoch(sizes: list[int], seed: int, name: str, epoch: int, slot: int, n_
                      sum(sizes) - budget * n_slots)
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Samples [start, stop) of one shuffled window of an epoch as dealt to ``slot`` of a
+    layout with ``n_slots`` slots and windows of ``shuffle`` shards. A re-dealt epoch gives each
+    new slot a list of these: the unread rest of the old slots' windows."""
+
+    n_slots: int
+    slot: int
+    window: int
+    start: int
+    stop: int
+    shuffle: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def as_list(self) -> list[int]:
+        return [self.n_slots, self.slot, self.window, self.start, self.stop, self.shuffle]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a source's epochs are dealt: slots (ranks x workers), per-device batch, window."""
+
+    world: int
+    workers: int
+    batch: int
+    shuffle: int
+
+    @property
+    def n_slots(self) -> int:
+        return self.world * self.workers
+
+    def as_dict(self) -> dict[str, int]:
+        return {"world": self.world, "workers": self.workers, "batch": self.batch, "shuffle_shards": self.shuffle}
+
+    @classmethod
+    def of(cls, saved: dict[str, Any], default_batch: int, default_shuffle: int) -> Layout:
+        return cls(int(saved["world"]), int(saved["workers"]), int(saved.get("batch", default_batch)),
+                   int(saved.get("shuffle_shards", default_shuffle)))
+
+
+def window_sizes(plan: EpochPlan, sizes: list[int], slot: int, n_slots: int) -> list[int]:
+    """Samples in each of a slot's windows by manifest counts (exact unless samples are corrupt)."""
+    out = []
+    for shard_ids in plan.windows:
+        n = 0
+        for sid in shard_ids:
+            if plan.by_sample:
+                base = plan.bases.get(sid, 0)
+                n += sum(1 for i in range(sizes[sid]) if (base + i) % n_slots == slot)
+            else:
+                n += sizes[sid]
+        out.append(n)
+    return out
+
+
+def remaining_segments(sizes: list[int], seed: int, name: str, epoch: int, slot: int, layout: Layout,
+                       pos: Position, explicit: list[list[Segment]] | None) -> list[Segment]:
+    """What a slot of ``layout`` had still to read of ``epoch`` at ``pos``, as segments."""
+    if pos.epoch > epoch:
+        return []
+    if pos.epoch < epoch:
+        pos = Position(epoch=epoch)
+    if explicit is not None:
+        segs = explicit[slot]
+        if pos.window >= len(segs):
+            return []
+        first = segs[pos.window]
+        head = Segment(first.n_slots, first.slot, first.window, max(first.start, pos.offset), first.stop,
+                       first.shuffle)
+        return [seg for seg in (head, *segs[pos.window + 1:]) if seg.size > 0]
+    plan = plan_epoch(sizes, seed, name, epoch, slot, layout.n_slots, layout.batch, max(1, layout.shuffle))
+    left = plan.budget - pos.emitted
+    out = []
+    counts = window_sizes(plan, sizes, slot, layout.n_slots)
+    for w in range(pos.window, len(plan.windows)):
+        if left <= 0:
+            break
+        start = pos.offset if w == pos.window else 0
+        take = min(counts[w] - start, left)
+        if take > 0:
+            out.append(Segment(layout.n_slots, slot, w, start, start + take, layout.shuffle))
+            left -= take
+    return out
+
+
+def deal_segments(remaining: list[Segment], n_slots: int, batch: int) -> tuple[list[list[Segment]], int, int]:
+    """Split the concatenated remaining samples into equal, batch-aligned contiguous shares, one
+    per new slot: (shares, samples per slot, samples left over for this epoch)."""
+    total = sum(seg.size for seg in remaining)
+    share = (total // n_slots) // batch * batch
+    out: list[list[Segment]] = [[] for _ in range(n_slots)]
+    k, room = 0, share
+    for seg in remaining:
+        start = seg.start
+        while start < seg.stop and k < n_slots:
+            if room == 0:
+                k, room = k + 1, share
+                continue
+            take = min(seg.stop - start, room)
+            out[k].append(Segment(seg.n_slots, seg.slot, seg.window, start, start + take, seg.shuffle))
+            start += take
+            room -= take
+        if k >= n_slots or share == 0:
+            break
+    return out, share, total - share * n_slots
+
+
+def redeal(source: Source, seed: int, old_layout: Layout, old_positions: dict[int, Position],
+           old_spec: dict[int, list[list[Segment]]], new_layout: Layout) -> tuple[dict[int, list[list[Segment]]],
+                                                                                  dict[int, dict[str, int]]]:
+    """The epochs in progress under ``old_layout`` re-dealt to ``new_layout``: for each epoch from
+    the earliest any old slot is in to the latest any has entered (or that was already re-dealt),
+    the unread samples of every old slot, concatenated in slot order and split into equal shares.
+    Nothing read before is dealt again, so no sample repeats within an epoch; what does not fill
+    a batch in every new slot is left over for the epoch, as in any epoch. ``old_positions`` maps
+    every old global slot to its position (a slot never consumed is at the start of epoch 0)."""
+    positions = [old_positions.get(s, Position()) for s in range(old_layout.n_slots)]
+    first = min(p.epoch for p in positions)
+    last = max([p.epoch for p in positions] + [e for e in old_spec if e >= first])
+    spec: dict[int, list[list[Segment]]] = {}
+    report: dict[int, dict[str, int]] = {}
+    for epoch in range(first, last + 1):
+        rest: list[Segment] = []
+        for slot, pos in enumerate(positions):
+            rest += remaining_segments(source.shard_sizes, seed, source.name, epoch, slot, old_layout, pos,
+                                       old_spec.get(epoch))
+        shares, share, left = deal_segments(rest, new_layout.n_slots, new_layout.batch)
+        spec[epoch] = shares
+        report[epoch] = {"remaining": sum(seg.size for seg in rest), "per_slot": share, "left_over": left}
+    return spec, report
+
+
 def safe_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
     """Decode an image after checking its declared size (a decompression bomb never decodes)."""
     import warnings
@@ -458,7 +594,8 @@ class SourceStream(IterableDataset):
 
     def __init__(self, source: Source, tokenizer: Any, cfg: DataConfig, *, seed: int, rank: int,
                  world: int, image_dim: int = 0, image_transform: Callable[[Any], torch.Tensor] | None = None,
-                 start: dict[int, Position] | None = None, rotation: int = 0) -> None:
+                 start: dict[int, Position] | None = None, rotation: int = 0,
+                 spec: dict[int, list[list[Segment]]] | None = None) -> None:
         super().__init__()
         self.source = source
         self.tokenizer = tokenizer
@@ -470,6 +607,7 @@ class SourceStream(IterableDataset):
         self.image_transform = image_transform
         self.start = start or {}
         self.rotation = rotation
+        self.spec = spec or {}
         self.batch_size = device_batch(cfg, world)
         self.limits = ReadLimits.of(cfg)
         if source.kind == "text":
@@ -481,11 +619,15 @@ class SourceStream(IterableDataset):
 
     # -- the deterministic sample order -------------------------------------------------
 
-    def _window_samples(self, shard_ids: list[int], plan: EpochPlan, slot: int, n_slots: int,
-                        counter: SkipCounter, epoch: int) -> list[dict[str, Any]]:
-        """Every usable sample of a window, in tar order (the caller shuffles)."""
+    def _window(self, epoch: int, slot: int, n_slots: int, window: int, shuffle: int,
+                counter: SkipCounter) -> list[dict[str, Any]]:
+        """Every usable sample of one window of ``slot`` (of a layout with ``n_slots`` slots and
+        windows of ``shuffle`` shards) in epoch ``epoch``, in its shuffled order. A function of
+        those numbers alone, so any later layout can read the rest of an old slot's window."""
+        plan = plan_epoch(self.source.shard_sizes, self.seed, self.source.name, epoch, slot, n_slots, 1,
+                          max(1, shuffle))
         out: list[dict[str, Any]] = []
-        for sid in shard_ids:
+        for sid in plan.windows[window]:
             base = plan.bases.get(sid, 0)
             record = self.source.records[sid] if self.source.records else None
             for idx, raw in enumerate(read_tar(self.source.shards[sid], self.members, counter, self.limits, record)):
@@ -495,6 +637,8 @@ class SourceStream(IterableDataset):
                     out.append(self._decode(raw, epoch))
                 except Exception as exn:
                     counter(exn)
+        if shuffle > 0:
+            random.Random(_seed(self.seed, self.source.name, epoch, slot, window)).shuffle(out)
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -508,17 +652,26 @@ class SourceStream(IterableDataset):
         batch: list[dict[str, Any]] = []
         empty_epochs = 0
         short_warned = False
+        shuffle = self.cfg.shuffle_shards
         while True:
-            plan = plan_epoch(self.source.shard_sizes, self.seed, self.source.name, pos.epoch, slot, n_slots,
-                              self.batch_size, max(1, self.cfg.shuffle_shards))
+            # An epoch is either dealt by the plan (windows of this slot, read until the budget)
+            # or, after a change of layout, re-dealt (segments of old slots' windows).
+            segments = self.spec[pos.epoch][slot] if pos.epoch in self.spec else None
+            if segments is None:
+                plan = plan_epoch(self.source.shard_sizes, self.seed, self.source.name, pos.epoch, slot, n_slots,
+                                  self.batch_size, max(1, shuffle))
+                units = [Segment(n_slots, slot, w, 0, 1 << 62, shuffle) for w in range(len(plan.windows))]
+                budget = plan.budget
+            else:
+                units, budget = segments, sum(seg.size for seg in segments)
             produced = False
-            while pos.window < len(plan.windows) and pos.emitted < plan.budget:
+            while pos.window < len(units) and pos.emitted < budget:
+                unit = units[pos.window]
                 pos.read_skips = reads.count
-                samples = self._window_samples(plan.windows[pos.window], plan, slot, n_slots, reads, pos.epoch)
-                if self.cfg.shuffle_shards > 0:
-                    rng = random.Random(_seed(self.seed, self.source.name, pos.epoch, slot, pos.window))
-                    rng.shuffle(samples)
-                while pos.offset < len(samples) and pos.emitted < plan.budget:
+                samples = self._window(pos.epoch, unit.slot, unit.n_slots, unit.window, unit.shuffle, reads)
+                pos.offset = max(pos.offset, unit.start)
+                end = min(unit.stop, len(samples))
+                while pos.offset < end and pos.emitted < budget:
                     batch.append(samples[pos.offset])
                     pos.offset += 1
                     pos.emitted += 1
@@ -530,15 +683,15 @@ class SourceStream(IterableDataset):
                         out["skipped"] = reads.count + images.count
                         yield out
                         batch = []
-                if pos.offset >= len(samples):
+                if pos.offset >= end:
                     pos.window, pos.offset = pos.window + 1, 0
-            if pos.emitted < plan.budget and not short_warned:
+            if pos.emitted < budget and not short_warned:
                 short_warned = True
                 log.warning("source %s: worker %d of rank %d ran out of samples %d short of its epoch "
                             "budget (corrupt samples?); it continues with its next epoch", self.source.name,
-                            lw, self.rank, plan.budget - pos.emitted)
+                            lw, self.rank, budget - pos.emitted)
             pos.epoch, pos.window, pos.offset, pos.emitted = pos.epoch + 1, 0, 0, 0
-            empty_epochs = 0 if produced else empty_epochs + 1
+            empty_epochs = 0 if produced or budget == 0 else empty_epochs + 1
             if empty_epochs >= 2:
                 raise DataError(f"source {self.source.name}: two whole passes gave no usable sample to "
                                 f"rank {self.rank} worker {lw} ({reads.count} corrupt samples skipped); "
@@ -651,73 +804,112 @@ class BatchStreams:
     """One DataLoader per source; ``next(name)`` returns that source's next batch.
 
     Tracks the data position of every (source, logical worker) from the batches actually
-    consumed, which :meth:`state` returns for the checkpoint and the constructor's ``state``
-    restores.
+    consumed, which :meth:`state` returns for the checkpoint. The constructor restores it:
+    ``state`` is this rank's saved state; when the layout changed (world size, workers,
+    per-device batch or window), ``all_states`` must hold every old rank's state, and the epochs
+    in progress are re-dealt to the new slots (:func:`redeal`) so they continue exactly.
     """
 
     def __init__(self, sources: list[Source], tokenizer: Any, cfg: DataConfig, *, seed: int, rank: int,
                  world: int, image_dim: int, image_transform: Callable[[Any], torch.Tensor] | None = None,
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None, all_states: list[dict[str, Any]] | None = None) -> None:
         self.nw = max(1, cfg.num_workers)
         self.world = world
+        self.rank = rank
+        self.layout = Layout(world, self.nw, device_batch(cfg, world), cfg.shuffle_shards)
         self._iters: dict[str, Iterator[dict[str, Any]]] = {}
         self._pos: dict[str, dict[int, list[int]]] = {}
         self._skipped: dict[tuple[str, int], int] = {}
+        self._carried: dict[str, int] = {}
         self._rotation: dict[str, int] = {}
         self._consumed: dict[str, int] = {}
-        state = self._compatible(state or {}, world, sources)
+        self._spec: dict[str, dict[int, list[list[Segment]]]] = {}
+        self.last_epoch: dict[str, int] = {}
+        """Per source, the data epoch of the batch :meth:`next` returned last."""
+        self.redealt: dict[str, dict[int, dict[str, int]]] = {}
+        """Per source, the epochs re-dealt at this start and their counts (empty otherwise)."""
         for i, src in enumerate(sources):
-            saved = state.get(src.name, {})
-            positions = {int(k): v for k, v in saved.get("positions", {}).items()}
-            self._pos[src.name] = dict(positions)
-            self._rotation[src.name] = int(saved.get("next_worker", 0))
+            positions, spec, rotation = self._restore(src, source_seed(seed, i), state or {}, all_states)
+            self._pos[src.name] = {lw: p.as_list() for lw, p in positions.items()}
+            self._spec[src.name] = spec
+            self._rotation[src.name] = rotation
             self._consumed[src.name] = 0
-            start = {lw: Position(*p) for lw, p in positions.items()}
             check_layout(src, world, cfg.num_workers, device_batch(cfg, world), source_seed(seed, i))
             ds = SourceStream(src, tokenizer, cfg, seed=source_seed(seed, i), rank=rank, world=world,
-                              image_dim=image_dim, image_transform=image_transform, start=start,
-                              rotation=self._rotation[src.name])
+                              image_dim=image_dim, image_transform=image_transform, start=positions,
+                              rotation=rotation, spec=spec)
             loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, collate_fn=_keep,
                                 persistent_workers=cfg.num_workers > 0,
                                 prefetch_factor=4 if cfg.num_workers > 0 else None)
             self._iters[src.name] = iter(loader)
 
-    def _compatible(self, state: dict[str, Any], world: int, sources: list[Source]) -> dict[str, Any]:
-        """Positions are per (rank, worker) slot: with another world size or worker count they
-        do not map, so every slot moves on to the next epoch (documented in docs/DATA_STREAMING.md)."""
-        if not state:
-            return {}
+    @staticmethod
+    def _spec_of(saved: dict[str, Any]) -> dict[int, list[list[Segment]]]:
+        return {int(e): [[Segment(*seg) for seg in slot] for slot in slots]
+                for e, slots in saved.get("spec", {}).items()}
+
+    def _restore(self, src: Source, seed: int, state: dict[str, Any], all_states: list[dict[str, Any]] | None
+                 ) -> tuple[dict[int, Position], dict[int, list[list[Segment]]], int]:
+        """(this rank's slot positions by logical worker, re-dealt epochs, worker rotation)."""
+        if not state.get(src.name) and all_states:
+            state = all_states[0]  # a rank the old layout did not have: any old rank's record will do
+        saved = state.get(src.name)
+        if not saved:
+            return {}, {}, 0
         meta = state.get("_layout", {})
-        if meta.get("world") == world and meta.get("workers") == self.nw:
-            return state
-        log.warning("data position saved with world size %s x %s workers, now %s x %s: every stream "
-                    "restarts at the beginning of its next epoch", meta.get("world"), meta.get("workers"),
-                    world, self.nw)
-        out: dict[str, Any] = {}
-        for src in sources:
-            saved = state.get(src.name, {}).get("positions", {})
-            epoch = max((p[0] for p in saved.values()), default=-1) + 1
-            out[src.name] = {"positions": {lw: [epoch, 0, 0, 0, 0, 0] for lw in range(self.nw)},
-                             "next_worker": 0}
-        return out
+        old = Layout.of(meta, self.layout.batch, self.layout.shuffle) if meta else self.layout
+        if old == self.layout:
+            positions = {int(k): Position(*v) for k, v in saved.get("positions", {}).items()}
+            return positions, self._spec_of(saved), int(saved.get("next_worker", 0))
+        if not all_states or len(all_states) != old.world:
+            raise DataError(f"source {src.name}: the checkpoint's data position was saved with {old.world} rank(s); "
+                            f"resuming with another layout needs every rank's data_rank*.json of that checkpoint")
+        # Every old slot's position, by global slot id (rank * workers + logical worker).
+        old_positions: dict[int, Position] = {}
+        for r, st in enumerate(all_states):
+            for lw, p in st.get(src.name, {}).get("positions", {}).items():
+                old_positions[r * old.workers + int(lw)] = Position(*p)
+        carried = sum(p.read_skips + p.image_skips for p in old_positions.values())
+        self._carried[src.name] = carried if self.rank == 0 else 0
+        old_spec: dict[int, list[list[Segment]]] = {}
+        for st in all_states:  # ranks ahead by an epoch no longer keep the one behind them
+            old_spec.update(self._spec_of(st.get(src.name, {})))
+        spec, report = redeal(src, seed, old, old_positions, old_spec, self.layout)
+        self.redealt[src.name] = report
+        first = min(spec)
+        if self.rank == 0:
+            for epoch, r in report.items():
+                log.warning("source %s: epoch %d re-dealt from %d slots (%d rank(s) x %d worker(s), batch %d) to %d "
+                            "(%d x %d, batch %d): %d unread samples, %d to each slot, %d left over", src.name, epoch,
+                            old.n_slots, old.world, old.workers, old.batch, self.layout.n_slots, self.layout.world,
+                            self.layout.workers, self.layout.batch, r["remaining"], r["per_slot"], r["left_over"])
+        positions = {lw: Position(epoch=first) for lw in range(self.nw)}
+        return positions, spec, 0
 
     def next(self, name: str) -> dict[str, Any]:
         batch = next(self._iters[name])
         lw, *pos = batch.pop("pos")
         self._pos[name][int(lw)] = [int(x) for x in pos]
+        self.last_epoch[name] = int(pos[0])
         self._skipped[(name, int(lw))] = int(batch.pop("skipped"))
         self._consumed[name] += 1
         return batch
 
     def state(self) -> dict[str, Any]:
-        """This rank's data position: per source, per logical worker, and who comes next."""
-        out: dict[str, Any] = {"_layout": {"world": self.world, "workers": self.nw}}
+        """This rank's data position: per source, per logical worker, who comes next, and the
+        re-dealt epochs still ahead (the same on every rank)."""
+        out: dict[str, Any] = {"_layout": self.layout.as_dict()}
         for name, positions in self._pos.items():
             nxt = (self._rotation[name] + self._consumed[name]) % self.nw
-            out[name] = {"positions": {str(k): v for k, v in sorted(positions.items())}, "next_worker": nxt}
+            current = min((p[0] for p in positions.values()), default=0)
+            spec = {str(e): [[seg.as_list() for seg in slot] for slot in slots]
+                    for e, slots in self._spec[name].items() if e >= current}
+            out[name] = {"positions": {str(k): v for k, v in sorted(positions.items())}, "next_worker": nxt,
+                         "spec": spec}
         return out
 
     @property
     def skipped(self) -> int:
-        """Corrupt samples skipped so far on this rank (all sources, all workers)."""
-        return sum(self._skipped.values())
+        """Corrupt samples skipped so far on this rank (all sources, all workers, and on rank 0 those
+        counted before a change of layout)."""
+        return sum(self._skipped.values()) + sum(self._carried.values())

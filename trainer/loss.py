@@ -121,13 +121,17 @@ def mcse_loss(
     gather: Gather = _identity,
     offset: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Total loss and its terms: L_simcse (+ λ·L_mm on caption batches).
+    """Total loss and its terms: L_simcse (+ λ·L_mm on caption batches), and ``view_cos``, the
+    mean cosine between the two dropout views of each local sentence (not a loss: 1.0 means
+    dropout is off and SimCSE gets no positive signal).
 
     Learned temperatures in ``out.temperatures`` take precedence over the constants."""
     if out.temperatures is not None:
         temperature, temperature_vl = out.temperatures[0], out.temperatures[1]
     z1_BD, z2_BD = out.sim_views
     terms = {"loss_simcse": simcse_loss(z1_BD, gather(z2_BD), temperature, offset)}
+    with torch.no_grad():  # a diagnostic: exactly 1 when the two dropout views are identical
+        terms["view_cos"] = F.cosine_similarity(_at_least_fp32(z1_BD), _at_least_fp32(z2_BD), dim=-1).mean()
     total = terms["loss_simcse"]
     if out.ground_views is not None and out.image_BP is not None:
         image_GP = gather(out.image_BP)

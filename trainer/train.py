@@ -29,6 +29,7 @@ from trainer.checkpoint import (
     committed_checkpoints,
     export_model,
     load_checkpoint,
+    load_data_states,
     save_checkpoint,
     set_rng_state,
     verify,
@@ -241,7 +242,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
 
     streams = BatchStreams(sources, tokenizer, cfg.data, seed=cfg.train.seed, rank=rank, world=world,
                            image_dim=image_dim, image_transform=tower.preprocess if tower else None,
-                           state=data_state)
+                           state=data_state, all_states=load_data_states(ckpt) if ckpt is not None else None)
     if rng_state is not None:
         # Restored after the DataLoaders started: creating them draws from the global RNG.
         set_rng_state(rng_state)
@@ -294,7 +295,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
             state.step += 1
             watchdog.beat(state.step)  # before any logging collective, so a stall is attributable
             if keys_log is not None:
-                keys_log.add(state.step, source.name, keys)
+                keys_log.add(state.step, source.name, keys, streams.last_epoch[source.name])
             state.samples_seen += len(keys) * world
             state.caption_steps += int(source.kind == "pairs")
             state.skipped_steps += int(result.skipped)
@@ -371,7 +372,7 @@ class _MetricsLog:
     """One line per log step on the console and in run_dir/metrics.jsonl, whatever the tracking
     backend: the run folder alone tells how training went."""
 
-    ORDER = ("loss", "loss_simcse", "loss_mm", "grad_norm", "lr", "samples_per_s", "data_wait_frac")
+    ORDER = ("loss", "loss_simcse", "loss_mm", "view_cos", "grad_norm", "lr", "samples_per_s", "data_wait_frac")
 
     def __init__(self, run_dir: Path) -> None:
         self.fh = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - kept open
@@ -387,15 +388,16 @@ class _MetricsLog:
 
 
 class _KeyLog:
-    """Per-rank JSON lines {step, source, keys}: which samples every step consumed."""
+    """Per-rank JSON lines {step, source, epoch, keys}: which samples every step consumed, and
+    from which data epoch of the source."""
 
     def __init__(self, run_dir: Path, rank: int) -> None:
         folder = run_dir / "sample_keys"
         folder.mkdir(parents=True, exist_ok=True)
         self.fh = open(folder / f"rank{rank}.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - kept open
 
-    def add(self, step: int, source: str, keys: list[str]) -> None:
-        self.fh.write(json.dumps({"step": step, "source": source, "keys": keys}) + "\n")
+    def add(self, step: int, source: str, keys: list[str], epoch: int) -> None:
+        self.fh.write(json.dumps({"step": step, "source": source, "epoch": epoch, "keys": keys}) + "\n")
 
     def flush(self) -> None:
         self.fh.flush()
