@@ -92,6 +92,7 @@ def _by_hand(model: MCSEModel, batch: dict[str, torch.Tensor], pooler: str, seed
     z = _linear_tanh(pooled, model.mlp) if model.mlp is not None else pooled
     out = {"z1": z[:B], "z2": z[B:]}
     out["loss_simcse"] = _xent_diag(out["z1"], out["z2"], TAU)
+    out["view_cos"] = (_unit(out["z1"]) * _unit(out["z2"])).sum(-1).mean()
     out["loss"] = out["loss_simcse"]
     if "image_emb" in batch:
         g = _unit(_linear_tanh(pooled, model.text_head))
@@ -118,7 +119,8 @@ def test_forward_outputs_match_the_method(tiny_bert: Path, pooler: str, mlp: boo
         assert set(got) == ({"z1", "z2", "g1", "g2", "image"} if caption else {"z1", "z2"})
         for key in got:
             torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-12, msg=f"{pooler} {key}")
-        assert set(losses) == ({"loss", "loss_simcse", "loss_mm"} if caption else {"loss", "loss_simcse"})
+        assert set(losses) == ({"loss", "loss_simcse", "loss_mm", "view_cos"} if caption
+                               else {"loss", "loss_simcse", "view_cos"})
         for key in losses:
             assert float(losses[key]) == pytest.approx(float(want[key]), rel=1e-10), (pooler, caption, key)
         # The two dropout views really differ (so which view feeds which term is observable).

@@ -61,7 +61,7 @@ def test_mcse_loss_combines_terms_with_lambda() -> None:
     img = t([[1, 0], [0, 1]])
     g1, g2 = t([[1, 0], [1, 1]]), t([[0, 1], [0, 1]])
     text_only = mcse_loss(MCSEOutputs.build((Z1, Z2)), temperature=0.05, temperature_vl=0.05, lambda_mm=0.1)
-    assert set(text_only) == {"loss", "loss_simcse"}
+    assert set(text_only) == {"loss", "loss_simcse", "view_cos"}
     assert text_only["loss"].item() == pytest.approx(simcse_loss(Z1, Z2, 0.05).item())
     out = MCSEOutputs.build((Z1, Z2), (g1, g2), img)
     both = mcse_loss(out, temperature=0.05, temperature_vl=0.1, lambda_mm=0.1)
