@@ -58,13 +58,15 @@ def scenario_config(model_dir: str, name: str) -> tuple[list[str], dict]:
     parts = name.split("+")
     engine = parts[0]
     opts = {"cache": "cache" in parts, "tau": "tau" in parts, "text": "text" in parts,
-            "adamw20": "adamw20" in parts, "sym": "sym" in parts, "clip": "clip" in parts}
+            "adamw20": "adamw20" in parts, "sym": "sym" in parts, "clip": "clip" in parts,
+            "robust": "robust" in parts}
     overrides = [f"model.name_or_path={model_dir}", "model.dropout=0", "model.proj_dim=8",
                  f"data.global_batch_size={B * dist.world_size()}",
                  f"data.max_device_batch={2 if opts['cache'] else 0}",
                  f"optim.grad_clip={0.5 if opts['clip'] else 0}", "loss.lambda_mm=0.3",
                  f"loss.learnable_temperature={opts['tau']}", f"loss.symmetric={opts['sym']}",
-                 "optim.schedule=linear", "optim.lr=1e-3", "optim.weight_decay=0.01"]
+                 "optim.schedule=linear", "optim.lr=1e-3", "optim.weight_decay=0.01",
+                 f"loss.robust_drop={0.25 if opts['robust'] else 0}"]
     if engine.startswith("zero"):
         overrides.append(f"distributed.zero_stage={engine[-1]}")
     return overrides, opts
@@ -107,11 +109,25 @@ def run(model_dir: str, name: str) -> dict:
         ref_opt = make_opt(reference)
         ref_sched = build_scheduler(cfg, ref_opt, steps) if opts["adamw20"] else None
 
-    losses, ref_losses = [], []
+    losses, ref_losses, keeps, ref_keeps = [], [], [], []
     for step in range(steps):
         full = global_batch(world, caption=not opts["text"], seed=100 + step, dtype=dtype)
         mine = {k: v[rank * B:(rank + 1) * B].to(acc.device) for k, v in full.items()}
+        if opts["robust"]:  # record which local pairs the robust loss kept, on every rank
+            import trainer.step as step_mod
+
+            real = step_mod.mcse_loss
+
+            def spy(*a, _real=real, **k):
+                out = _real(*a, **k)
+                if "_keep" in out:
+                    keeps.append(dist.all_gather_no_grad(out["_keep"].to(torch.int64)).tolist())
+                return out
+
+            step_mod.mcse_loss = spy
         result = train_step(model, optimizer, scheduler, mine, cfg, acc)
+        if opts["robust"]:
+            step_mod.mcse_loss = real
         losses.append(dist.all_reduce_sum(result.losses["loss"]) / world)
 
         if reference is None:
@@ -120,7 +136,10 @@ def run(model_dir: str, name: str) -> dict:
         reference.train()
         out = reference(full)
         ref = mcse_loss(out, temperature=cfg.loss.temperature, temperature_vl=cfg.loss.temperature_vl,
-                        lambda_mm=cfg.loss.lambda_mm, symmetric=cfg.loss.symmetric)
+                        lambda_mm=cfg.loss.lambda_mm, symmetric=cfg.loss.symmetric,
+                        robust_drop=cfg.loss.robust_drop)
+        if "_keep" in ref:
+            ref_keeps.append(ref["_keep"].to(torch.int64).tolist())
         ref["loss"].backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.optim.grad_clip)
@@ -148,6 +167,7 @@ def run(model_dir: str, name: str) -> dict:
                        "max_abs_err": worst, "worst": worst_name,
                        "n_tensors": n, "dtype": str(dtype)})
         report["has_tau"] = any(k.endswith("log_inv_tau") for k in state)
+        report["keeps"], report["ref_keeps"] = keeps, ref_keeps
     acc.free_memory()
     dist.barrier()
     return report

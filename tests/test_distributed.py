@@ -23,8 +23,8 @@ from .dist_worker import IMAGE_DIM, global_batch, scenario_config
 
 WORLD2 = ["ddp", "ddp+text", "ddp+cache+tau", "ddp+cache+sym+clip", "ddp+adamw20",
           "zero1", "zero2", "zero3+fp32", "zero2+cache+tau", "zero3+cache+tau+fp32", "zero2+text",
-          "zero1+adamw20"]
-WORLD4 = ["ddp", "ddp+cache+tau+text", "zero2+cache+tau"]
+          "zero1+adamw20", "ddp+robust", "ddp+cache+robust+sym"]
+WORLD4 = ["ddp", "ddp+cache+tau+text", "zero2+cache+tau", "ddp+robust"]
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,16 @@ def test_world2_equals_one_process(world2: dict[str, dict], scenario: str) -> No
 def test_world4_equals_one_process(world4: dict[str, dict], scenario: str) -> None:
     check(world4[scenario])
     assert world4[scenario]["world"] == 4
+
+
+@pytest.mark.slow
+def test_robust_loss_drops_the_same_pairs_on_every_rank(world2: dict[str, dict], world4: dict[str, dict]) -> None:
+    """The dropped pairs, gathered from every rank, are exactly those one process holding the
+    global batch drops (and the updates match: test_world*_equals_one_process)."""
+    for report in (world2["ddp+robust"], world2["ddp+cache+robust+sym"], world4["ddp+robust"]):
+        (keep,), (ref,) = report["keeps"], report["ref_keeps"]
+        assert keep == ref and 0 < ref.count(0) < len(ref)
+        assert ref.count(0) == int(0.25 * len(ref))
 
 
 # ------------------------------------------------------------------ single process

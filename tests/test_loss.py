@@ -77,3 +77,36 @@ def test_logits_are_at_least_float32() -> None:
     loss = info_nce(q, q, 0.05)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert info_nce(q.double(), q.double(), 0.05).dtype == torch.float64
+
+
+def test_robust_drop_leaves_out_the_worst_pairs_of_the_global_batch() -> None:
+    """Two ranks of two pairs each, simulated: per-pair losses 0.1, 2.0 | 0.5, 3.0. Dropping half
+    of the global batch leaves out 3.0 and 2.0 on whichever rank they sit; the ranks' mean is the
+    mean of the kept pairs, 0.3, with each kept pair's gradient 1/K = 1/2."""
+    from trainer.loss import robust_grounding_loss
+
+    rows = [torch.tensor([0.1, 2.0], dtype=torch.float64, requires_grad=True),
+            torch.tensor([0.5, 3.0], dtype=torch.float64, requires_grad=True)]
+    everyone = torch.cat([r.detach() for r in rows])
+    outs = [robust_grounding_loss(rows[r], 0.5, lambda x: everyone, offset=2 * r) for r in range(2)]
+    assert [o[1].tolist() for o in outs] == [[True, False], [True, False]]
+    mean = (outs[0][0] + outs[1][0]) / 2  # what DDP's gradient averaging optimises
+    assert float(mean) == pytest.approx(0.3, rel=1e-12)
+    mean.backward()
+    assert rows[0].grad.tolist() == [0.5, 0.0] and rows[1].grad.tolist() == [0.5, 0.0]
+    # Ties are broken by global position, the same way on every rank.
+    tie = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    assert robust_grounding_loss(tie, 0.5, lambda x: tie, 0)[1].tolist() == [False, False, True, True]
+
+
+def test_robust_loss_with_nothing_to_drop_is_the_plain_loss_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(3)
+    out = MCSEOutputs.build((torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)),
+                            (torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)),
+                            torch.randn(6, 4, generator=g))
+    plain = mcse_loss(out, temperature=0.05, temperature_vl=0.05, lambda_mm=0.1)
+    off = mcse_loss(out, temperature=0.05, temperature_vl=0.05, lambda_mm=0.1, robust_drop=0.0)
+    assert set(off) == set(plain) and all(torch.equal(off[k], plain[k]) for k in plain)
+    # A robust loss that keeps everything by construction (fraction below one pair) equals it too.
+    tiny = mcse_loss(out, temperature=0.05, temperature_vl=0.05, lambda_mm=0.1, robust_drop=0.1)
+    assert tiny["_keep"].all() and float(tiny["loss"]) == pytest.approx(float(plain["loss"]), rel=1e-6)

@@ -141,6 +141,13 @@ class LossConfig:
     captions alone)."""
     symmetric: bool = False
     """Add the image->text direction to the multimodal term (MCSE is text->image only)."""
+    robust_drop: float = 0.0
+    """Online defence against mismatched pairs: leave this fraction of each *global* caption
+    batch out of the grounding term — the pairs with the highest image-text loss, decided on
+    gathered losses so every rank drops the same ones (0 = off; 0.4 at 40% noise)."""
+    robust_warmup_steps: int = 0
+    """Steps before the robust drop starts: networks fit clean pairs first, so per-pair losses
+    separate clean from noisy only once the heads have learned something."""
     learnable_temperature: bool = False
     """Learn both temperatures (CLIP-style log(1/τ), initialised from the values above, no
     weight decay) instead of fixing them. τ is clamped to [0.01, 1] in the forward pass (with a
@@ -577,6 +584,8 @@ def validate(cfg: Config) -> None:
     _require(lo.temperature > 0, "loss.temperature", f"must be > 0, got {lo.temperature}")
     _require(lo.temperature_vl > 0, "loss.temperature_vl", f"must be > 0, got {lo.temperature_vl}")
     _require(lo.lambda_mm >= 0, "loss.lambda_mm", f"must be >= 0, got {lo.lambda_mm}")
+    _require(0 <= lo.robust_drop < 1, "loss.robust_drop", f"must be in [0, 1), got {lo.robust_drop}")
+    _require(lo.robust_warmup_steps >= 0, "loss.robust_warmup_steps", f"must be >= 0, got {lo.robust_warmup_steps}")
     o = cfg.optim
     _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")

@@ -714,7 +714,11 @@ class SourceStream(IterableDataset):
                 captions = [c for c in meta.get("captions", []) if isinstance(c, str) and c] or captions
             if not captions:
                 raise ValueError(f"{key}: no caption")
-            text = captions[self._caption_index(key, epoch, len(captions))]
+            index = self._caption_index(key, epoch, len(captions))
+            text = captions[index]
+            noise = meta.get("noise") if "json" in raw else None
+            if isinstance(noise, list) and len(noise) == len(captions):
+                out["noisy"] = noise[index] != "none"  # the noise lab's ground truth, for the logs
             if self.image_transform is not None:
                 ext = next((e for e in IMAGE_EXTS if e in raw), None)
                 if ext is None:
@@ -761,6 +765,8 @@ class SourceStream(IterableDataset):
                 batch["image"] = torch.stack([im if im is not None else good[0] for im in images])
             else:
                 batch["image_emb"] = torch.from_numpy(np.stack([s["emb"] for s in samples]).astype(np.float32))
+        if self.source.kind == "pairs" and all("noisy" in s for s in samples):
+            batch["noisy"] = torch.tensor([s["noisy"] for s in samples], dtype=torch.bool)
         batch["keys"] = [s["key"] for s in samples]
         return batch
 

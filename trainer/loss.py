@@ -36,11 +36,37 @@ def info_nce(query_BD: torch.Tensor, keys_GD: torch.Tensor, temperature: float |
     the logits are computed in float32 whatever the autocast dtype: a 0.05 temperature
     multiplies rounding errors by 20 (float64 stays float64 for exactness tests).
     """
+    return info_nce_rows(query_BD, keys_GD, temperature, offset).mean()
+
+
+def info_nce_rows(query_BD: torch.Tensor, keys_GD: torch.Tensor, temperature: float | torch.Tensor,
+                  offset: int = 0) -> torch.Tensor:
+    """:func:`info_nce` per row (no mean): loss_B[i] for row i against all G columns."""
     q_BD = F.normalize(_at_least_fp32(query_BD), dim=-1)
     k_GD = F.normalize(_at_least_fp32(keys_GD), dim=-1)
     logits_BG = q_BD @ k_GD.T / temperature
     labels_B = torch.arange(q_BD.shape[0], device=q_BD.device) + offset
-    return F.cross_entropy(logits_BG, labels_B)
+    return F.cross_entropy(logits_BG, labels_B, reduction="none")
+
+
+def robust_grounding_loss(rows_B: torch.Tensor, drop_fraction: float, gather: Gather,
+                          offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grounding term without the pairs it fits worst: of the G pairs of the *global*
+    batch, the floor(fraction x G) with the highest per-pair loss are left out, and the rest
+    averaged. Every rank gathers the same G detached losses and ranks them the same way (ties
+    by global position), so all ranks drop the same pairs without another message. Each rank
+    returns its share scaled so that the ranks' mean is (1/K) x the kept pairs' sum — the
+    gradient of one process holding the global batch. Returns (loss, keep mask of local rows)."""
+    B = rows_B.shape[0]
+    all_G = gather(rows_B.detach())
+    G = all_G.shape[0]
+    n_drop = int(drop_fraction * G)
+    order_G = torch.sort(all_G, descending=True, stable=True).indices
+    keep_G = torch.ones(G, dtype=torch.bool, device=rows_B.device)
+    keep_G[order_G[:n_drop]] = False
+    keep_B = keep_G[offset:offset + B]
+    scale = G / (B * (G - n_drop))
+    return (rows_B * keep_B).sum() * scale, keep_B
 
 
 def simcse_loss(z1_BD: torch.Tensor, z2_GD: torch.Tensor, temperature: float | torch.Tensor,
@@ -120,12 +146,15 @@ def mcse_loss(
     symmetric: bool = False,
     gather: Gather = _identity,
     offset: int = 0,
+    robust_drop: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Total loss and its terms: L_simcse (+ λ·L_mm on caption batches), and ``view_cos``, the
     mean cosine between the two dropout views of each local sentence (not a loss: 1.0 means
     dropout is off and SimCSE gets no positive signal).
 
-    Learned temperatures in ``out.temperatures`` take precedence over the constants."""
+    Learned temperatures in ``out.temperatures`` take precedence over the constants. With
+    ``robust_drop`` > 0 the grounding term leaves out that fraction of the global batch's pairs
+    (:func:`robust_grounding_loss`); ``_keep`` then marks the local pairs kept."""
     if out.temperatures is not None:
         temperature, temperature_vl = out.temperatures[0], out.temperatures[1]
     z1_BD, z2_BD = out.sim_views
@@ -135,10 +164,18 @@ def mcse_loss(
     total = terms["loss_simcse"]
     if out.ground_views is not None and out.image_BP is not None:
         image_GP = gather(out.image_BP)
-        mm = grounding_loss(list(out.ground_views), image_GP, temperature_vl, offset)
-        if symmetric:
-            text_GP = [gather(g) for g in out.ground_views]
-            mm = 0.5 * (mm + image_to_text_loss(out.image_BP, text_GP, temperature_vl, offset))
+        if robust_drop > 0:
+            rows_B = torch.stack([info_nce_rows(t, image_GP, temperature_vl, offset) for t in out.ground_views]).mean(0)
+            if symmetric:
+                text_GP = [gather(g) for g in out.ground_views]
+                back_B = torch.stack([info_nce_rows(out.image_BP, t, temperature_vl, offset) for t in text_GP]).mean(0)
+                rows_B = 0.5 * (rows_B + back_B)
+            mm, terms["_keep"] = robust_grounding_loss(rows_B, robust_drop, gather, offset)
+        else:
+            mm = grounding_loss(list(out.ground_views), image_GP, temperature_vl, offset)
+            if symmetric:
+                text_GP = [gather(g) for g in out.ground_views]
+                mm = 0.5 * (mm + image_to_text_loss(out.image_BP, text_GP, temperature_vl, offset))
         terms["loss_mm"] = mm
         total = total + lambda_mm * mm
     terms["loss"] = total

@@ -46,10 +46,28 @@ def _agreed_bad(value: torch.Tensor | float, device: Any) -> bool:
     return dist.all_reduce_max(0.0 if finite else 1.0, device) > 0
 
 
-def _loss_kwargs(cfg: Config, offset: int) -> dict[str, Any]:
+def _loss_kwargs(cfg: Config, offset: int, step: int) -> dict[str, Any]:
     lo = cfg.loss
+    drop = lo.robust_drop if step >= lo.robust_warmup_steps else 0.0
     return {"temperature": lo.temperature, "temperature_vl": lo.temperature_vl, "lambda_mm": lo.lambda_mm,
-            "symmetric": lo.symmetric, "gather": dist.all_gather_with_grad, "offset": offset}
+            "symmetric": lo.symmetric, "gather": dist.all_gather_with_grad, "offset": offset, "robust_drop": drop}
+
+
+def _values(losses: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], device: Any) -> dict[str, float]:
+    """The loss terms as floats for logging, plus what the robust loss dropped: the global
+    fraction, and where the data carries the noise lab's ground truth, the share of the
+    dropped pairs that were really corrupted (two small all-reduces, robust steps only)."""
+    values = {k: float(v.detach()) for k, v in losses.items() if not k.startswith("_")}
+    keep = losses.get("_keep")
+    if keep is not None:
+        dropped = ~keep.detach()
+        n_rows = dist.all_reduce_sum(float(keep.numel()), device)
+        n_drop = dist.all_reduce_sum(float(dropped.sum()), device)
+        values["robust_dropped_frac"] = n_drop / n_rows
+        if "noisy" in batch:
+            hit = dist.all_reduce_sum(float((dropped & batch["noisy"].to(dropped.device)).sum()), device)
+            values["robust_dropped_noisy_frac"] = hit / n_drop if n_drop else float("nan")
+    return values
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -75,16 +93,16 @@ def _chunks(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.T
 
 
 def forward_backward(model: Any, batch: dict[str, torch.Tensor], cfg: Config,
-                     accelerator: Any) -> tuple[dict[str, float], bool]:
+                     accelerator: Any, step: int = 0) -> tuple[dict[str, float], bool]:
     """Loss terms of this rank's batch, and whether the backward ran; gradients are left in
     the parameters. A non-finite loss on any rank means no rank runs the backward."""
     B = batch["input_ids"].shape[0]
-    kwargs = _loss_kwargs(cfg, offset=accelerator.process_index * B)
+    kwargs = _loss_kwargs(cfg, offset=accelerator.process_index * B, step=step)
     chunk = chunk_size(B, cfg.data.max_device_batch)
     if chunk >= B:
         with accelerator.autocast():
-            losses = mcse_loss(model(batch), **kwargs)
-        values = {k: float(v.detach()) for k, v in losses.items()}
+            losses = mcse_loss(model(_model_inputs(batch)), **kwargs)
+        values = _values(losses, batch, accelerator.device)
         if _agreed_bad(values["loss"], accelerator.device):
             return values, False
         accelerator.backward(losses["loss"])
@@ -92,10 +110,14 @@ def forward_backward(model: Any, batch: dict[str, torch.Tensor], cfg: Config,
     return _cached_forward_backward(model, batch, chunk, kwargs, accelerator)
 
 
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "noisy"}
+
+
 def _cached_forward_backward(model: Any, batch: dict[str, torch.Tensor], chunk: int,
                              loss_kwargs: dict[str, Any], accelerator: Any) -> tuple[dict[str, float], bool]:
     device = batch["input_ids"].device
-    parts = _chunks(batch, chunk)
+    parts = _chunks(_model_inputs(batch), chunk)
     K = len(parts)
 
     # Pass 1: embeddings of every chunk, no graph; remember each chunk's RNG state.
@@ -117,7 +139,7 @@ def _cached_forward_backward(model: Any, batch: dict[str, torch.Tensor], chunk: 
     # The loss over the full global batch, differentiated w.r.t. the cached embeddings only.
     with accelerator.autocast():
         losses = mcse_loss(outs[0].with_tensors(leaves), **loss_kwargs)
-    values = {k: float(v.detach()) for k, v in losses.items()}
+    values = _values(losses, batch, device)
     if _agreed_bad(values["loss"], device):
         _set_rng_state(resume_state, device)
         return values, False
@@ -145,7 +167,7 @@ def _cached_forward_backward(model: Any, batch: dict[str, torch.Tensor], chunk: 
 
 
 def train_step(model: Any, optimizer: Any, scheduler: Any, batch: dict[str, torch.Tensor], cfg: Config,
-               accelerator: Any) -> StepResult:
+               accelerator: Any, step: int = 0) -> StepResult:
     """forward_backward, then clip, update, schedule and zero the gradients.
 
     Non-finite values are agreed across ranks before anything is applied: the loss before the
@@ -153,7 +175,7 @@ def train_step(model: Any, optimizer: Any, scheduler: Any, batch: dict[str, torc
     DeepSpeed the update happens inside its backward, so only the loss check applies there).
     With train.nonfinite=skip every rank then skips the update; with stop every rank raises.
     """
-    losses, ran = forward_backward(model, batch, cfg, accelerator)
+    losses, ran = forward_backward(model, batch, cfg, accelerator, step)
     grad_norm = None
     deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
     if ran:

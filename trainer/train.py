@@ -290,7 +290,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
             # share masks, and a resumed run — at any world size — draws exactly what the
             # uninterrupted run drew at that step, with no RNG state to carry.
             torch.manual_seed(dropout_seed(cfg.train.seed, rank, state.step))
-            result = train_step(model, optimizer, scheduler, batch, cfg, accelerator)
+            result = train_step(model, optimizer, scheduler, batch, cfg, accelerator, state.step)
 
             state.step += 1
             watchdog.beat(state.step)  # before any logging collective, so a stall is attributable
