@@ -1,8 +1,9 @@
 """The trained sentence encoder as an MLflow pyfunc model (load, serve, register).
 
-``mlflow.pyfunc.load_model("runs:/<run_id>/model").predict(["a sentence", ...])`` returns one
-embedding per sentence, pooled as in evaluation. The model folder carries the exported
-Hugging Face model and this package's code, so loading needs torch and transformers only.
+The tracker logs it as an MLflow 3 logged model of the run. ``mlflow.pyfunc.load_model(
+"models:/<model id>")`` (or ``"runs:/<run id>/model"``) ``.predict(["a sentence", ...])``
+returns one embedding per sentence, pooled as in evaluation. The model folder carries the
+exported Hugging Face model and this package's code, so loading needs torch and transformers only.
 """
 
 from __future__ import annotations
