@@ -308,7 +308,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     body = render(a, one, b, c, args.workers)
-    body += ("\n\nThe merge reads only the identity indexes (about 100 bytes per row) and the part shards it must "
+    body += ("\n\nThe merge reads only the identity indexes (50-100 bytes per row) and the part shards it must "
              "rewrite; it never decodes or hashes an image. Its replay is a k-way merge of the parts' sorted "
              "indexes, O(R log N) for R rows over N parts, plus one exact-set lookup and one multi-index phash "
              "lookup per row; its memory is the dedup state one machine's writer holds (exact identities, the "
