@@ -142,10 +142,11 @@ def _parser() -> argparse.ArgumentParser:
     sf.add_argument("--clip-batch-size", type=int, default=64)
     _no_progress(sf)
 
-    from data_tools import noise, split
+    from data_tools import noise, score, split
 
     split.add_parser(sub)
     noise.add_parser(sub)
+    score.add_parser(sub)
 
     fe = sub.add_parser("fetch-eval-data", help="download the SentEval STS suite into DIR")
     fe.add_argument("dir")
@@ -234,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             from data_tools import noise
 
             summary = noise.run(args)
+        elif args.verb == "score-pairs":
+            from data_tools import score
+
+            summary = score.run(args)
         else:
             from data_tools.evaldata import fetch_eval_data
 

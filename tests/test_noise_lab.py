@@ -156,3 +156,49 @@ def test_near_needs_features_and_bad_arguments_are_one_line(pairs: Path, tmp_pat
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert errors == ["error: --p 1.5: the fraction of corrupted captions must be in [0, 1]",
                       "error: --kinds typo: choose from swap, generic, near"]
+
+
+# ----------------------------------------------------------------------------------- scoring
+
+
+def test_detection_report_by_hand() -> None:
+    from data_tools.score import detection_report
+
+    labels = ["none", "swap", "swap", "generic", "none", "near"]
+    flagged = [True, True, False, True, False, False]
+    rep = detection_report(flagged, labels)
+    assert rep["all"] == {"precision": 2 / 3, "recall": 2 / 4, "noisy": 4, "flagged": 3}
+    # per kind: the other kinds are set aside (swap: pool = none, swap, swap, none)
+    assert rep["swap"] == {"precision": 1 / 2, "recall": 1 / 2, "noisy": 2, "flagged": 2}
+    assert rep["generic"]["precision"] == 1 / 2 and rep["generic"]["recall"] == 1.0
+    assert rep["near"]["recall"] == 0.0
+
+
+def test_score_pairs_keeps_the_best_captions_with_their_ground_truth(pairs: Path, tmp_path: Path,
+                                                                    tiny_bert: Path) -> None:
+    import torch
+
+    from data_tools.score import score_pairs
+    from trainer.model import MCSEModel
+
+    torch.manual_seed(0)
+    model = MCSEModel.from_pretrained_encoder(str(tiny_bert), image_dim=DIM, proj_dim=8)
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir, tokenizer=AutoTokenizer.from_pretrained(str(tiny_bert)))
+    corrupt(pairs, tmp_path / "noisy", p=0.4, seed=1, progress=False)
+    summary = score_pairs(tmp_path / "noisy", tmp_path / "kept", model_dir, top_fraction=0.6, progress=False)
+    total = N_IMAGES * N_CAPS
+    assert summary.captions == total and summary.kept == round(0.6 * total)
+    kept_scores = []
+    for s in samples(tmp_path / "kept").values():
+        meta = json.loads(s["json"])
+        assert len(meta["captions"]) == len(meta["noise"]) == len(meta["clean_captions"]) >= 1
+        scores = meta["caption_scores"]
+        kept_scores += [x for x in scores if x >= summary.threshold - 1e-5]
+        assert len([x for x in scores if x >= summary.threshold - 1e-5]) == len(meta["captions"])
+    assert len(kept_scores) == summary.kept
+    man = load_manifest(tmp_path / "kept")["score_filter"]
+    assert man["kept"] == summary.kept and set(man["detection"]) == {"all", "swap", "generic", "near"}
+    assert man["detection"]["all"]["noisy"] == round(0.4 * total)

@@ -1,0 +1,239 @@
+"""`webmcse-data score-pairs`: score every caption against its image with a trained webmcse
+model's own grounding heads, and keep the best-agreeing captions.
+
+Offline filters of web pairs (LAION's CLIP threshold, DataComp's top 30%) need a pretrained
+CLIP. A short MCSE run on the noisy data itself learns a shared space too — networks fit clean
+pairs before noisy ones — so its grounding heads can rank the pairs they were trained on:
+cosine(g_text(caption), g_image(feature)). Scoring is per caption, not per image, because a
+COCO-style image can hold good and bad captions side by side. The output is a new dataset with
+the kept captions (an image keeps its sample while one caption survives), every caption's score
+in the sample json, and the counts in the manifest. When the input carries the noise lab's
+ground truth, detection precision and recall (dropped = flagged as noise) are reported per kind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from data_tools.shards import (
+    MANIFEST,
+    DatasetError,
+    ShardWriter,
+    file_sha256,
+    load_manifest,
+    read_shard,
+    shard_dicts,
+    write_manifest,
+)
+
+
+@dataclass
+class ScoreSummary:
+    out: Path
+    captions: int
+    kept: int
+    samples_dropped: int
+    threshold: float
+    detection: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def render(self) -> str:
+        lines = [f"score-pairs: kept {self.kept} of {self.captions} captions (score >= {self.threshold:.4f}); "
+                 f"{self.samples_dropped} images lost every caption -> {self.out}"]
+        for kind, d in self.detection.items():
+            lines.append(f"  detection of {kind}: precision {d['precision']:.3f}, recall {d['recall']:.3f} "
+                         f"({d['noisy']} noisy, {d['flagged']} flagged)")
+        return "\n".join(lines)
+
+
+def detection_report(flagged: list[bool], labels: list[str]) -> dict[str, dict[str, float]]:
+    """Precision/recall of ``flagged`` against the noise labels, for all noise and per kind.
+    Per kind, precision counts the flagged captions of that kind among all flagged captions
+    that are either of that kind or clean (the other kinds are set aside)."""
+    out: dict[str, dict[str, float]] = {}
+    kinds = sorted({lab for lab in labels if lab != "none"})
+    for kind in ["all", *kinds]:
+        def is_pos(lab: str, kind: str = kind) -> bool:
+            return lab != "none" if kind == "all" else lab == kind
+
+        pool = [(f, lab) for f, lab in zip(flagged, labels, strict=True) if kind == "all" or lab in (kind, "none")]
+        tp = sum(1 for f, lab in pool if f and is_pos(lab))
+        fl = sum(1 for f, _ in pool if f)
+        pos = sum(1 for _, lab in pool if is_pos(lab))
+        out[kind] = {"precision": tp / fl if fl else float("nan"), "recall": tp / pos if pos else float("nan"),
+                     "noisy": pos, "flagged": fl}
+    return out
+
+
+class GroundingScorer:
+    """cosine(g_text(caption), g_image(feature)) under a webmcse model's grounding heads."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", batch_size: int = 128) -> None:
+        from transformers import AutoTokenizer
+
+        from trainer.model import MCSEModel
+
+        self.model = MCSEModel.load(model_dir).to(device).eval()
+        if self.model.image_head is None:
+            raise DatasetError(f"{model_dir}: the model has no grounding heads (trained without caption batches)")
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+        self.device = device
+        self.batch_size = batch_size
+        self.name = f"webmcse:{model_dir}"
+
+    def score(self, items: list[tuple[np.ndarray, list[str]]]) -> list[list[float]]:
+        import torch
+
+        caps = [c for _, cs in items for c in cs]
+        with torch.inference_mode():
+            images = torch.from_numpy(np.stack([f for f, _ in items]).astype(np.float32)).to(self.device)
+            img = self.model.grounding_image(images)
+            texts = []
+            for i in range(0, len(caps), self.batch_size):
+                toks = self.tok(caps[i:i + self.batch_size], padding=True, truncation=True, max_length=77,
+                                return_tensors="pt")
+                texts.append(self.model.grounding_text({k: v.to(self.device) for k, v in toks.items()}))
+            txt = torch.cat(texts)
+        owner = torch.tensor([i for i, (_, cs) in enumerate(items) for _ in cs], device=self.device)
+        sims = (txt * img[owner]).sum(-1).float().cpu().tolist()
+        out, k = [], 0
+        for _, cs in items:
+            out.append(sims[k:k + len(cs)])
+            k += len(cs)
+        return out
+
+
+def _meta(sample: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    caps = [c for c in meta.get("captions", []) if isinstance(c, str) and c]
+    if not caps and "txt" in sample:
+        caps = [sample["txt"].decode("utf-8")]
+    return meta, caps
+
+
+def score_pairs(dataset: str | Path, out: str | Path, model_dir: str | Path, *, top_fraction: float | None = None,
+                threshold: float | None = None, device: str = "cpu", batch_size: int = 128, shard_size: int = 1000,
+                overwrite: bool = False, progress: bool = True) -> ScoreSummary:
+    """Score every caption with ``model_dir``'s grounding heads and write ``out`` with the
+    captions at or above the threshold (or the best ``top_fraction`` of all captions)."""
+    if (top_fraction is None) == (threshold is None):
+        raise DatasetError("score-pairs: give exactly one of --top-fraction or --threshold")
+    if top_fraction is not None and not 0 < top_fraction <= 1:
+        raise DatasetError(f"--top-fraction {top_fraction}: must be in (0, 1]")
+    src, dst = Path(dataset), Path(out)
+    manifest = load_manifest(src)
+    if manifest["kind"] != "pairs":
+        raise DatasetError(f"{src}: score-pairs needs a pairs dataset; this one is kind {manifest['kind']!r}")
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        raise DatasetError(f"{dst}: output overlaps the input dataset {src}; choose a separate folder")
+    if dst.exists() and any(dst.iterdir()):
+        if not overwrite:
+            raise DatasetError(f"{dst}: folder exists and is not empty; pass --overwrite to replace it")
+        if not (dst / MANIFEST).is_file():
+            raise DatasetError(f"{dst}: not a webmcse dataset (no manifest.json); refusing to delete it")
+        shutil.rmtree(dst)
+    scorer = GroundingScorer(model_dir, device=device, batch_size=batch_size)
+    shards = [src / sh["name"] for sh in manifest["shards"] if sh["n_samples"] > 0]
+
+    # Pass 1: a score for every caption (features and captions only; images are never decoded).
+    scores: list[list[float]] = []
+    labels: list[str] = []
+    pending: list[tuple[np.ndarray, list[str]]] = []
+    bar = tqdm(total=int(manifest.get("n_samples", 0)), desc="score-pairs", unit=" image", disable=not progress)
+    for path in shards:
+        for sample in read_shard(path):
+            meta, caps = _meta(sample)
+            if "emb.npy" not in sample:
+                raise DatasetError(f"{path}: sample {sample['__key__']} has no emb.npy; run `webmcse-data embed "
+                                   f"{src}` with the model's image encoder first")
+            feat = np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False).reshape(-1)
+            if feat.shape[0] != scorer.model.image_dim:
+                raise DatasetError(f"{path}: features of {feat.shape[0]} dims, the model's image head takes "
+                                   f"{scorer.model.image_dim}; embed with the encoder the model was trained on")
+            noise = meta.get("noise")
+            labels += noise if isinstance(noise, list) and len(noise) == len(caps) else ["unknown"] * len(caps)
+            pending.append((feat, caps))
+            if len(pending) >= batch_size:
+                scores += scorer.score(pending)
+                bar.update(len(pending))
+                pending = []
+    if pending:
+        scores += scorer.score(pending)
+        bar.update(len(pending))
+    bar.close()
+    flat = np.asarray([x for row in scores for x in row], dtype=np.float64)
+    if flat.size == 0:
+        raise DatasetError(f"{src}: no captions to score")
+    if threshold is None:
+        keep_n = max(1, round(top_fraction * flat.size))
+        threshold = float(np.sort(flat)[::-1][keep_n - 1])
+    keep_flags = [x >= threshold for x in flat.tolist()]
+
+    # Pass 2: the kept captions (and their ground truth, if any) with every caption's score.
+    writer = ShardWriter(dst, max_count=shard_size)
+    index = k = dropped_samples = 0
+    try:
+        for path in shards:
+            for sample in read_shard(path):
+                meta, caps = _meta(sample)
+                row = scores[index]
+                keep = keep_flags[k:k + len(caps)]
+                k += len(caps)
+                index += 1
+                if not any(keep):
+                    dropped_samples += 1
+                    continue
+                meta["caption_scores"] = [round(x, 5) for x in row]
+                meta["scored_by"] = scorer.name
+                for name in ("captions", "noise", "noise_from", "clean_captions"):
+                    if isinstance(meta.get(name), list) and len(meta[name]) == len(caps):
+                        meta[name] = [v for v, kp in zip(meta[name], keep, strict=True) if kp]
+                if "captions" not in meta:
+                    meta["captions"] = [c for c, kp in zip(caps, keep, strict=True) if kp]
+                out_sample = {kk: v for kk, v in sample.items() if kk == "__key__" or not kk.startswith("__")}
+                out_sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+                out_sample["txt"] = meta["captions"][0].encode("utf-8")
+                writer.write(out_sample)
+    except BaseException:
+        writer.abort()
+        raise
+    flagged = [not kp for kp in keep_flags]
+    detection = detection_report(flagged, labels) if "unknown" not in labels else {}
+    info = {kk: v for kk, v in manifest.items() if kk not in ("shards", "n_samples", "created", "format", "version")}
+    info.update({"shards": shard_dicts(writer.close()),
+                 "score_filter": {"scorer": scorer.name, "threshold": threshold, "top_fraction": top_fraction,
+                                  "captions": int(flat.size), "kept": int(sum(keep_flags)),
+                                  "images_dropped": dropped_samples, "from": str(src),
+                                  "from_manifest_sha256": file_sha256(src / MANIFEST), "detection": detection}})
+    write_manifest(dst, info)
+    return ScoreSummary(dst, int(flat.size), int(sum(keep_flags)), dropped_samples, threshold, detection)
+
+
+def add_parser(sub: Any) -> None:
+    sp = sub.add_parser("score-pairs", help="score captions with a webmcse model's grounding heads; keep the best",
+                        description="Writes a copy of a pairs dataset with the captions whose grounding-space "
+                                    "cosine to their image is highest (bootstrap filtering without CLIP weights).")
+    sp.add_argument("dataset", help="embedded pairs dataset (the features the model was trained on)")
+    sp.add_argument("--model", required=True, help="an exported webmcse model folder (runs/<run>/final or best)")
+    sp.add_argument("--out", required=True)
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--top-fraction", type=float, help="keep this fraction of all captions, best first")
+    g.add_argument("--threshold", type=float, help="keep captions scoring at least this cosine")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--shard-size", type=int, default=1000)
+    sp.add_argument("--overwrite", action="store_true")
+
+
+def run(args: Any) -> ScoreSummary:
+    return score_pairs(args.dataset, args.out, args.model, top_fraction=args.top_fraction, threshold=args.threshold,
+                       device=args.device, batch_size=args.batch_size, shard_size=args.shard_size,
+                       overwrite=args.overwrite)
