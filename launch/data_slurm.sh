@@ -70,6 +70,10 @@ if [[ -z "$out" ]]; then
   exit 2
 fi
 # Arrays are numbered from 0; N is their size unless --parts says otherwise (rerunning one part).
+if [[ -z "$parts" && ${SLURM_ARRAY_TASK_MIN:-0} != 0 ]]; then
+  echo "data_slurm.sh: number the array from 0 (--array=0-N-1), or pass --parts N when rerunning some parts" >&2
+  exit 2
+fi
 parts=${parts:-$(( ${SLURM_ARRAY_TASK_MAX:-0} + 1 ))}
 part=$SLURM_ARRAY_TASK_ID
 if (( part >= parts )); then
@@ -90,8 +94,12 @@ if [[ $part == "${SLURM_ARRAY_TASK_MIN:-0}" ]]; then
   merge_id=$(sbatch --parsable --dependency="afterok:${SLURM_ARRAY_JOB_ID}" --kill-on-invalid-dep=yes \
              --job-name="${SLURM_JOB_NAME:-webmcse-data}-merge" --ntasks=1 --cpus-per-task=1 \
              --output="$log_dir/${SLURM_JOB_NAME:-webmcse-data}-merge-%j.out" ${WEBMCSE_MERGE_SBATCH:-} \
-             --wrap="$merge_cmd") || { echo "could not submit the merge job" >&2; exit 1; }
-  echo "merge job ${merge_id%%;*} runs after array job $SLURM_ARRAY_JOB_ID: webmcse-data merge $out"
+             --wrap="$merge_cmd")
+  if [[ -n "$merge_id" ]]; then
+    echo "merge job ${merge_id%%;*} runs after array job $SLURM_ARRAY_JOB_ID: webmcse-data merge $out"
+  else  # the parts are still worth running; the merge can be started by hand
+    echo "could not submit the merge job; when every part is done run: webmcse-data merge $out" >&2
+  fi
 fi
 echo "array job ${SLURM_ARRAY_JOB_ID} task $part of $parts on $(hostname): shard-pairs ${args[*]} --part $part --parts $parts"
 exec python -m data_tools shard-pairs "${args[@]}" --part "$part" --parts "$parts" --no-progress
