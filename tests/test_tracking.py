@@ -221,7 +221,8 @@ def mean_pooled(model_dir: Path, sentences: list[str]):
     return ((hidden * mask).sum(1) / mask.sum(1)).numpy()
 
 
-def test_model_is_a_logged_model_of_its_run_and_step_and_registrable(tmp_path: Path) -> None:
+def test_model_is_a_logged_model_of_its_run_and_step_and_registrable(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps artifacts in ./mlruns of the working folder
     import mlflow
     import numpy as np
     import pandas as pd
@@ -281,7 +282,8 @@ def test_model_is_a_logged_model_of_its_run_and_step_and_registrable(tmp_path: P
     np.testing.assert_allclose(same.predict(pd.DataFrame({"sentence": SENTENCES})), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_an_experiment_keeps_the_kind_someone_chose(tmp_path: Path) -> None:
+def test_an_experiment_keeps_the_kind_someone_chose(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     from mlflow.tracking import MlflowClient
 
     from trainer.config import TrackingConfig
@@ -298,8 +300,9 @@ def test_an_experiment_keeps_the_kind_someone_chose(tmp_path: Path) -> None:
     assert kinds == {"chosen": "genai_development", "untagged": "custom_model_development"}
 
 
-def test_a_failure_while_uploading_the_model_leaves_one_model(tmp_path: Path) -> None:
+def test_a_failure_while_uploading_the_model_leaves_one_model(tmp_path: Path, monkeypatch) -> None:
     """The server fails after the model was created and linked: the retry finishes that model."""
+    monkeypatch.chdir(tmp_path)
     from mlflow.tracking import MlflowClient
 
     from trainer.config import TrackingConfig
