@@ -40,13 +40,26 @@ class Arm:
     overrides: list[str]
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets: `a=1,b=[x,y]` -> ['a=1', 'b=[x,y]']."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p for p in [*parts, cur] if p]
+
+
 def parse_arm(text: str) -> Arm:
-    """`name` or `name:key=value,key=value` (values may not contain commas)."""
+    """`name` or `name:key=value,key=value` (a list value keeps its commas: `k=[a,b]`)."""
     name, _, rest = text.partition(":")
     if not name or not name.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"--arm {text!r}: expected NAME or NAME:key=value,... (NAME: letters, digits, - and _)")
-    overrides = [kv for kv in rest.split(",") if kv] if rest else []
-    return Arm(name, overrides)
+    return Arm(name, _split_top_level(rest))
 
 
 def collect(results: dict[str, Any]) -> dict[str, float]:

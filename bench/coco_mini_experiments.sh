@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The experiments of docs/RESULTS.md on the 239 shared COCO photos (CPU; see the doc for the
+# wall time of each step). Every training run goes through the normal entry point.
+#
+#   bash bench/prepare_coco_mini.sh                 # data (once)
+#   bash bench/coco_mini_experiments.sh curve       # one MCSE run: the STS-B dev / retrieval curve
+#   bash bench/coco_mini_experiments.sh noise       # noisy copies of the training photos (p = 0.2, 0.4, 0.6)
+#   bash bench/coco_mini_experiments.sh bootstrap   # offline defence: short runs on noisy data, then score-pairs
+#   bash bench/coco_mini_experiments.sh sweep       # 10 arms x 3 seeds, one table (runs/sweeps/coco_mini/sweep.md)
+#   .venv/bin/python bench/noise_report.py          # tables + plot from the sweep
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+bin=.venv/bin
+cfg=configs/coco_mini.yaml
+launch="$bin/accelerate launch --config_file configs/accelerate/cpu.yaml --num_cpu_threads_per_process $(nproc)"
+data=data/coco_mini
+# Equal steps for every arm; the model compared is the last step's (no best-on-dev selection).
+sweep_common=(train.save_best=false eval.every_steps=0 eval.at_start=false)
+noise_tasks="eval.final_tasks=[stsb_dev,stsb_test]"
+
+case "${1:-}" in
+  curve)
+    $launch trainer/run.py --config $cfg train.run_name=coco_mini-curve ;;
+  noise)
+    for p in 0.2 0.4 0.6; do
+      $bin/webmcse-data corrupt $data/train --out $data/noisy_p${p/./} --p $p --seed 0 --shard-size 20 --overwrite
+    done ;;
+  bootstrap)
+    # A short run on each noisy copy (and on the clean data, to measure the defence's cost), then
+    # every caption scored by that run's own grounding heads; the best 60% are kept.
+    for src in train noisy_p04; do
+      $launch trainer/run.py --config $cfg "${sweep_common[@]}" train.max_steps=50 eval.dev_task= \
+        eval.final_tasks=[] eval.retrieval_path= eval.retrieval_every=false eval.align_uniform=false \
+        tracking.backend=none \
+        data.sources.1.path=$data/$src train.run_name=coco_mini-bootstrap-$src train.resume=never \
+        train.output_dir=runs/bootstrap
+      $bin/webmcse-data score-pairs $data/$src --model runs/bootstrap/coco_mini-bootstrap-$src/final \
+        --out $data/scored_$src --top-fraction 0.6 --shard-size 20 --overwrite
+    done ;;
+  sweep)
+    $bin/python -m trainer.sweep --config $cfg --seeds 0,1,2 --name coco_mini \
+      --launcher "$launch" "${sweep_common[@]}" \
+      --arm mcse \
+      --arm simcse:loss.lambda_mm=0 \
+      --arm shuffled:data.sources.1.path=$data/shuffled \
+      --arm noise20:data.sources.1.path=$data/noisy_p02,$noise_tasks \
+      --arm noise40:data.sources.1.path=$data/noisy_p04,$noise_tasks \
+      --arm noise60:data.sources.1.path=$data/noisy_p06,$noise_tasks \
+      --arm robust0:loss.robust_drop=0.2,loss.robust_warmup_steps=30,$noise_tasks \
+      --arm robust40:data.sources.1.path=$data/noisy_p04,loss.robust_drop=0.4,loss.robust_warmup_steps=30,$noise_tasks \
+      --arm scored0:data.sources.1.path=$data/scored_train,$noise_tasks \
+      --arm scored40:data.sources.1.path=$data/scored_noisy_p04,$noise_tasks \
+      --note "configs/coco_mini.yaml, last step of each run, 100 held-out photos." ;;
+  *)
+    sed -n '2,12p' "$0"; exit 2 ;;
+esac
