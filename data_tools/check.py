@@ -146,18 +146,19 @@ def _pending(folder: Path, manifest: dict[str, Any], rep: VerifyReport) -> tuple
             continue
         done = [e["shard"] for e in (state.get("done") or {}).values() if e.get("shard")]
         files |= {e["name"] for e in done}
-        what = f"{verb}" + (f" --encoder {state['encoder']}" if state.get("encoder") else "")
+        enc = f" --encoder {state['encoder']}" if state.get("encoder") else ""
+        again = f"`webmcse-data {verb} {folder}{enc}`" + ("" if enc else " with the same options")
         if state.get("new_names") == listed:
             old = [n for n in state.get("replaces", []) if n not in listed and (folder / n).exists()]
             files |= set(old)
             rep.notes.append(f"pending: {verb} committed its manifest; {len(old)} replaced shard file(s) not deleted "
-                             f"yet (run `webmcse-data {what} {folder}` again to finish)")
+                             f"yet (run {again} again to finish)")
         else:
             if state.get("new_names"):
                 sizes = {e["name"]: e["n_samples"] for e in done}
             rep.notes.append(f"pending: {verb} has written {len(done)} of {len(state.get('replaces', listed))} "
                              f"shard(s) under new names; the manifest still lists the previous, complete shards "
-                             f"(run `webmcse-data {what} {folder}` to finish)")
+                             f"(run {again} to finish)")
     return files, sizes
 
 
