@@ -218,6 +218,9 @@ def test_run_page_shows_run_metric_and_logged_model(finished_run: dict[str, Any]
     assert "Evaluation runs" not in text and "Judges" not in text  # ... not the GenAI one
     links = browser.js("[...document.querySelectorAll('a')].map(a => a.getAttribute('href'))")
     assert f"#/experiments/{finished_run['experiment_id']}/models/{model.model_id}" in links
+    # The results table is the run's description, shown on its overview.
+    assert "Exported model:" in run.data.tags["mlflow.note.content"]
+    browser.wait_for_text("Exported model:")
 
     # The picture docs/TRACKING.md shows, without the assistant panel MLflow opens on first load.
     browser.js("document.querySelector('button[data-component-id=\"mlflow.assistant.chat_panel.close\"]')?.click()")

@@ -204,7 +204,7 @@ def exported_model(folder: Path, step: int = 3) -> Path:
     tiny = make_tiny_bert(folder / "tiny", hidden=16)
     model = MCSEModel.from_pretrained_encoder(str(tiny), image_dim=8, proj_dim=8, pooler="mean")
     return export_model(model, AutoTokenizer.from_pretrained(tiny), folder / "best",
-                        {"step": step, "dev_task": "stsb_dev", "dev_spearman": 12.5, "eval_pooler": "mean"})
+                        {"step": step, "select_metric": "stsb_dev", "select_value": 12.5, "eval_pooler": "mean"})
 
 
 def mean_pooled(model_dir: Path, sentences: list[str]):

@@ -82,7 +82,11 @@ def test_train_20_steps_loss_drops_and_mlflow_has_the_run(tmp_path: Path, tiny_b
     dev = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/stsb_dev")}
     assert set(dev) == {0, 10, 20}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "results.json", "results.md", "plots", "model"} <= artifacts
+    assert {"config.yaml", "results.json", "results.md", "plots"} <= artifacts
+    (logged,) = client.search_logged_models([exp.experiment_id])
+    assert [(o.model_id, o.step) for o in client.get_run(run.info.run_id).outputs.model_outputs] == \
+        [(logged.model_id, 20)]
+    assert "Exported model:" in run.data.tags["mlflow.note.content"]  # the results, on the run's page
     assert {"plots/loss.png", "plots/dev.png", "plots/sts.png"} <= {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
 
     # The exported best model reloads and gives the dev score it was selected with.
@@ -98,7 +102,7 @@ def test_train_20_steps_loss_drops_and_mlflow_has_the_run(tmp_path: Path, tiny_b
     model = MCSEModel.load(best)
     enc = make_encoder(model, AutoTokenizer.from_pretrained(best), "mean", progress=False)
     score = evaluate_tasks(enc, SAMPLE / "senteval", ["stsb_dev"])["stsb_dev"]["spearman"]
-    assert score == pytest.approx(info["dev_spearman"], abs=1e-6)
+    assert info["select_metric"] == "stsb_dev" and score == pytest.approx(info["select_value"], abs=1e-6)
 
     # The logged MLflow model (pyfunc flavour) loads and embeds sentences like the evaluator.
     import mlflow.pyfunc

@@ -280,7 +280,7 @@ class TrackingConfig:
     parent_run_id: str = ""
     """MLflow run this run is nested under (set by `python -m trainer.sweep` for its seeds)."""
     log_model: bool = True
-    """Log the best model as an MLflow pyfunc model (loadable and registrable)."""
+    """Log the exported model as an MLflow 3 logged model of the run (pyfunc: loadable, registrable)."""
 
 
 @dataclass

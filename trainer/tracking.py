@@ -424,7 +424,7 @@ def _model_tags(model_dir: Path, pooler: str) -> dict[str, str]:
     except (OSError, ValueError):
         info = {}
     if isinstance(info, dict):
-        for key in ("step", "dev_task", "dev_spearman"):
+        for key in ("step", "select_metric", "select_value"):
             if info.get(key) is not None:
                 tags[f"webmcse.{key}"] = str(info[key])
     origin = f" from training step {tags['webmcse.step']}" if "webmcse.step" in tags else ""
@@ -496,12 +496,22 @@ def write_plots(run_dir: Path, state: Any, final: dict[str, Any] | None) -> list
         paths.append(out_dir / "loss.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
-    evals = [(h["step"], v) for h in state.history for k, v in h.items() if k != "step"]
-    if evals:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([e[0] for e in evals], [e[1] for e in evals], marker="o")
-        ax.set_xlabel("step")
-        ax.set_ylabel("dev Spearman x100")
+    # One line per metric evaluated during training: STS Spearman on the left, held-out
+    # retrieval recall (when evaluated) on the right; they are different scales.
+    names = list(dict.fromkeys(k for h in state.history for k in h if k != "step"))
+    if names:
+        sts = [n for n in names if "@" not in n]
+        rec = [n for n in names if "@" in n]
+        panels = [(sts, "STS Spearman x100"), (rec, "held-out recall@k (%)")]
+        panels = [(ns, label) for ns, label in panels if ns]
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), squeeze=False)
+        for ax, (ns, label) in zip(axes[0], panels, strict=True):
+            for n in ns:
+                pts = [(h["step"], h[n]) for h in state.history if n in h]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n)
+            ax.set_xlabel("step")
+            ax.set_ylabel(label)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         paths.append(out_dir / "dev.png")
         fig.savefig(paths[-1], dpi=120)

@@ -628,8 +628,11 @@ class _Evaluator:
         self.tracker.log_artifact(self.run_dir / "results.md")
         for png in write_plots(self.run_dir, state, summary.get("final")):
             self.tracker.log_artifact(png, "plots")
+        if table.strip():
+            self.tracker.set_description(table)
         if self.cfg.tracking.log_model and model_dir is not None:
-            self.tracker.log_model(model_dir, e.pooler)
+            # The final metrics were logged at total_steps: the logged model carries them.
+            self.tracker.log_model(model_dir, e.pooler, step=total_steps, link_metrics=("final/",))
         return summary
 
 
