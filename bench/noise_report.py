@@ -1,0 +1,148 @@
+"""Tables and a plot from the coco_mini sweep (bench/coco_mini_experiments.sh sweep): MCSE vs
+SimCSE-only vs the shuffled-image control, and held-out retrieval / STS-B dev against the
+fraction of corrupted captions, without and with each defence, plus the offline scorer's
+detection precision and recall against the noise lab's ground truth.
+
+    .venv/bin/python bench/noise_report.py [--sweep runs/sweeps/coco_mini] [--data data/coco_mini]
+
+Prints markdown (pasted into docs/RESULTS.md) and writes docs/noise_curve.png, which is also
+logged to the sweep's MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+NOISE_ARMS = {0.0: "mcse", 0.2: "noise20", 0.4: "noise40", 0.6: "noise60"}
+DEFENCES = {"robust": {0.0: "robust0", 0.4: "robust40"}, "scored": {0.0: "scored0", 0.4: "scored40"}}
+
+
+def cell(summary: dict[str, Any], arm: str, metric: str) -> str:
+    s = summary.get(arm, {}).get(metric)
+    return f"{s['mean']:.2f} ± {s['std']:.2f}" if s else "—"
+
+
+def stat(summary: dict[str, Any], arm: str, metric: str) -> tuple[float, float]:
+    s = summary.get(arm, {}).get(metric)
+    return (s["mean"], s["std"]) if s else (math.nan, math.nan)
+
+
+def comparison_table(summary: dict[str, Any], images: int) -> str:
+    metrics = ["stsb_dev", "stsb_test", "sickr_test", "sts12", "sts13", "sts14", "sts15", "sts16",
+               "t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"]
+    lines = ["| metric | MCSE | SimCSE only (λ = 0) | MCSE, images shuffled (control) | chance |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for m in metrics:
+        chance = f"{100 * int(m.split('@')[1]) / images:.1f}" if "@" in m else ""
+        lines.append(f"| {m} | {cell(summary, 'mcse', m)} | {cell(summary, 'simcse', m)} | "
+                     f"{cell(summary, 'shuffled', m)} | {chance} |")
+    sts7 = ["sts12", "sts13", "sts14", "sts15", "sts16", "stsb_test", "sickr_test"]
+    for arm_label, arm in (("MCSE", "mcse"), ("SimCSE only", "simcse"), ("shuffled", "shuffled")):
+        vals = [summary.get(arm, {}).get(t, {}).get("mean") for t in sts7]
+        if all(v is not None for v in vals):
+            lines.append(f"| STS avg (7), {arm_label} | {sum(vals) / 7:.2f} | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def noise_table(summary: dict[str, Any]) -> str:
+    metrics = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@10", "stsb_dev"]
+    lines = ["| p (captions corrupted) | defence | " + " | ".join(metrics) + " |",
+             "| ---: | --- |" + " ---: |" * len(metrics)]
+    rows = [(p, "none", arm) for p, arm in NOISE_ARMS.items()]
+    rows += [(p, name, arm) for name, arms in DEFENCES.items() for p, arm in arms.items()]
+    for p, defence, arm in sorted(rows, key=lambda r: (r[0], r[1] != "none", r[1])):
+        if arm not in summary:
+            continue
+        lines.append(f"| {p:.1f} | {defence} | " + " | ".join(cell(summary, arm, m) for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def recovery(summary: dict[str, Any]) -> str:
+    clean, _ = stat(summary, "mcse", "t2i_R@10")
+    noisy, _ = stat(summary, "noise40", "t2i_R@10")
+    stds = [stat(summary, a, "t2i_R@10")[1] for a in ("mcse", "noise40")]
+    lost = clean - noisy
+    out = [f"Undefended t2i R@10 lost between p = 0 and p = 0.4: {lost:.2f} points; largest seed std of the "
+           f"two: {max(stds):.2f} (gap / std = {lost / max(max(stds), 1e-9):.1f})."]
+    for name, arms in DEFENCES.items():
+        d40, _ = stat(summary, arms[0.4], "t2i_R@10")
+        d0, _ = stat(summary, arms[0.0], "t2i_R@10")
+        s0, _ = stat(summary, arms[0.0], "stsb_dev")
+        c0, _ = stat(summary, "mcse", "stsb_dev")
+        if not math.isnan(d40):
+            out.append(f"- {name}: recovers {100 * (d40 - noisy) / lost:.0f}% of the lost R@10 at p = 0.4; at p = 0 "
+                       f"it changes R@10 by {d0 - clean:+.2f} and STS-B dev by {s0 - c0:+.2f}.")
+    return "\n".join(out) + "\n"
+
+
+def detection_table(data: Path) -> str:
+    lines = ["| scored dataset | noise kind | captions of that kind | precision | recall |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for name in ("scored_noisy_p04", "scored_train"):
+        path = data / name / "manifest.json"
+        if not path.is_file():
+            continue
+        det = json.loads(path.read_text())["score_filter"]["detection"]
+        for kind, d in det.items():
+            lines.append(f"| {name} | {kind} | {d['noisy']} | {d['precision']:.3f} | {d['recall']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric, label in ((axes[0], "t2i_R@10", "held-out text→image R@10 (%)"),
+                              (axes[1], "stsb_dev", "STS-B dev, raw [CLS] (Spearman x100)")):
+        ps = [p for p, a in NOISE_ARMS.items() if a in summary]
+        ms = [stat(summary, NOISE_ARMS[p], metric) for p in ps]
+        ax.errorbar(ps, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3, label="no defence")
+        for (name, arms), mk in zip(DEFENCES.items(), ("s", "^"), strict=True):
+            pts = [(p, *stat(summary, a, metric)) for p, a in arms.items() if a in summary]
+            if pts:
+                ax.errorbar([p + 0.01 for p, _, _ in pts], [m for _, m, _ in pts], yerr=[s for _, _, s in pts],
+                            marker=mk, linestyle="none", capsize=3, label=name)
+        ax.set_xlabel("fraction of training captions corrupted (p)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", default=str(ROOT / "runs" / "sweeps" / "coco_mini"))
+    ap.add_argument("--data", default=str(ROOT / "data" / "coco_mini"))
+    ap.add_argument("--plot", default=str(ROOT / "docs" / "noise_curve.png"))
+    ap.add_argument("--images", type=int, default=100, help="held-out photos (for chance levels)")
+    args = ap.parse_args()
+    folder = Path(args.sweep)
+    summary = json.loads((folder / "sweep.json").read_text())["summary"]
+    print("## MCSE vs SimCSE vs the shuffled-image control\n")
+    print(comparison_table(summary, args.images))
+    print("## Noise\n")
+    print(noise_table(summary))
+    print(recovery(summary))
+    print("## Detection (offline scorer)\n")
+    print(detection_table(Path(args.data)))
+    plot(summary, Path(args.plot))
+    parent = folder / "parent_run_id"
+    if parent.is_file():
+        import mlflow
+
+        mlflow.MlflowClient().log_artifact(parent.read_text().strip(), args.plot, "plots")
+    print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
