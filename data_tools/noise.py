@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,16 +31,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.shards import (
-    MANIFEST,
-    DatasetError,
-    ShardWriter,
-    file_sha256,
-    load_manifest,
-    read_shard,
-    shard_dicts,
-    write_manifest,
-)
+from data_tools.derive import captions_of, derived_manifest, open_pairs, prepare_output, samples
+from data_tools.shards import DatasetError, ShardWriter, shard_dicts, write_manifest
 
 KINDS = ("swap", "generic", "near")
 
@@ -80,14 +71,6 @@ class NoiseSummary:
     def render(self) -> str:
         parts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
         return f"corrupt: {self.samples} samples, {self.captions} captions ({parts}) -> {self.out}"
-
-
-def _captions(sample: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    caps = [c for c in meta.get("captions", []) if isinstance(c, str) and c]
-    if not caps and "txt" in sample:
-        caps = [sample["txt"].decode("utf-8")]
-    return meta, caps
 
 
 def _nearest(features: np.ndarray) -> np.ndarray:
@@ -133,33 +116,20 @@ def corrupt(dataset: str | Path, out: str | Path, *, p: float, kinds: tuple[str,
     weights = weights or tuple(1.0 for _ in kinds)
     if len(weights) != len(kinds) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise DatasetError(f"--mix {weights}: one non-negative weight per kind ({', '.join(kinds)})")
-    manifest = load_manifest(src)
-    if manifest["kind"] != "pairs":
-        raise DatasetError(f"{src}: corrupt works on a pairs dataset; this one is kind {manifest['kind']!r}")
-    s, d = src.resolve(), dst.resolve()
-    if s == d or s in d.parents or d in s.parents:
-        raise DatasetError(f"{dst}: output overlaps the input dataset {src}; choose a separate folder")
-    if dst.exists() and any(dst.iterdir()):
-        if not overwrite:
-            raise DatasetError(f"{dst}: folder exists and is not empty; pass --overwrite to replace it")
-        if not (dst / MANIFEST).is_file():
-            raise DatasetError(f"{dst}: not a webmcse dataset (no manifest.json); refusing to delete it")
-        shutil.rmtree(dst)
-
-    shards = [src / sh["name"] for sh in manifest["shards"] if sh["n_samples"] > 0]
+    manifest, shards = open_pairs(src, "corrupt")
+    prepare_output(src, dst, overwrite)
     # Pass 1: keys, captions and (for `near`) features of every sample: small, no images.
     keys: list[str] = []
     caps: list[list[str]] = []
     feats: list[np.ndarray] = []
-    for path in shards:
-        for sample in read_shard(path):
-            keys.append(sample["__key__"])
-            caps.append(_captions(sample)[1])
-            if "near" in kinds:
-                if "emb.npy" not in sample:
-                    raise DatasetError(f"{path}: sample {sample['__key__']} has no emb.npy; `near` finds visually "
-                                       f"similar images by their features: run `webmcse-data embed {src}` first")
-                feats.append(np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False).reshape(-1))
+    for sample in samples(shards):
+        keys.append(sample["__key__"])
+        caps.append(captions_of(sample)[1])
+        if "near" in kinds:
+            if "emb.npy" not in sample:
+                raise DatasetError(f"{src}: sample {sample['__key__']} has no emb.npy; `near` finds visually "
+                                   f"similar images by their features: run `webmcse-data embed {src}` first")
+            feats.append(np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False).reshape(-1))
     slots = [(i, j) for i, cs in enumerate(caps) for j in range(len(cs))]
     if len(keys) < 2:
         raise DatasetError(f"{src}: {len(keys)} sample(s); corrupting pairs needs at least two images")
@@ -203,28 +173,24 @@ def corrupt(dataset: str | Path, out: str | Path, *, p: float, kinds: tuple[str,
     index = 0
     bar = tqdm(total=len(keys), desc="corrupt", unit=" sample", disable=not progress)
     try:
-        for path in shards:
-            for sample in read_shard(path):
-                meta, _ = _captions(sample)
-                meta.update(captions=new_caps[index], noise=noise[index], noise_from=source[index],
-                            clean_captions=caps[index])
-                out_sample = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
-                out_sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-                out_sample["txt"] = new_caps[index][0].encode("utf-8")
-                writer.write(out_sample)
-                index += 1
-                bar.update(1)
+        for sample in samples(shards):
+            meta, _ = captions_of(sample)
+            meta.update(captions=new_caps[index], noise=noise[index], noise_from=source[index],
+                        clean_captions=caps[index])
+            sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+            sample["txt"] = new_caps[index][0].encode("utf-8")
+            writer.write(sample)
+            index += 1
+            bar.update(1)
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
     tally = {"none": len(slots) - len(chosen), **{k: labels.count(k) for k in kinds}}
-    info = {k: v for k, v in manifest.items() if k not in ("shards", "n_samples", "created", "format", "version")}
-    info.update({"shards": shard_dicts(writer.close()),
-                 "noise": {"p": p, "seed": seed, "kinds": list(kinds), "weights": list(weights),
-                           "captions": len(slots), "counts": tally, "from": str(src),
-                           "from_manifest_sha256": file_sha256(src / MANIFEST)}})
+    info = derived_manifest(manifest, src, "noise", {"p": p, "seed": seed, "kinds": list(kinds),
+                                                     "weights": list(weights), "captions": len(slots), "counts": tally})
+    info["shards"] = shard_dicts(writer.close())
     write_manifest(dst, info)
     return NoiseSummary(dst, len(keys), len(slots), tally)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,16 +22,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.shards import (
-    MANIFEST,
-    DatasetError,
-    ShardWriter,
-    file_sha256,
-    load_manifest,
-    read_shard,
-    shard_dicts,
-    write_manifest,
-)
+from data_tools.derive import captions_of, derived_manifest, open_pairs, prepare_output, samples
+from data_tools.shards import DatasetError, ShardWriter, shard_dicts, write_manifest
 
 
 @dataclass
@@ -110,14 +101,6 @@ class GroundingScorer:
         return out
 
 
-def _meta(sample: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    caps = [c for c in meta.get("captions", []) if isinstance(c, str) and c]
-    if not caps and "txt" in sample:
-        caps = [sample["txt"].decode("utf-8")]
-    return meta, caps
-
-
 def score_pairs(dataset: str | Path, out: str | Path, model_dir: str | Path, *, top_fraction: float | None = None,
                 threshold: float | None = None, device: str = "cpu", batch_size: int = 128, shard_size: int = 1000,
                 overwrite: bool = False, progress: bool = True) -> ScoreSummary:
@@ -128,43 +111,31 @@ def score_pairs(dataset: str | Path, out: str | Path, model_dir: str | Path, *, 
     if top_fraction is not None and not 0 < top_fraction <= 1:
         raise DatasetError(f"--top-fraction {top_fraction}: must be in (0, 1]")
     src, dst = Path(dataset), Path(out)
-    manifest = load_manifest(src)
-    if manifest["kind"] != "pairs":
-        raise DatasetError(f"{src}: score-pairs needs a pairs dataset; this one is kind {manifest['kind']!r}")
-    s, d = src.resolve(), dst.resolve()
-    if s == d or s in d.parents or d in s.parents:
-        raise DatasetError(f"{dst}: output overlaps the input dataset {src}; choose a separate folder")
-    if dst.exists() and any(dst.iterdir()):
-        if not overwrite:
-            raise DatasetError(f"{dst}: folder exists and is not empty; pass --overwrite to replace it")
-        if not (dst / MANIFEST).is_file():
-            raise DatasetError(f"{dst}: not a webmcse dataset (no manifest.json); refusing to delete it")
-        shutil.rmtree(dst)
+    manifest, shards = open_pairs(src, "score-pairs")
+    prepare_output(src, dst, overwrite)
     scorer = GroundingScorer(model_dir, device=device, batch_size=batch_size)
-    shards = [src / sh["name"] for sh in manifest["shards"] if sh["n_samples"] > 0]
 
     # Pass 1: a score for every caption (features and captions only; images are never decoded).
     scores: list[list[float]] = []
     labels: list[str] = []
     pending: list[tuple[np.ndarray, list[str]]] = []
     bar = tqdm(total=int(manifest.get("n_samples", 0)), desc="score-pairs", unit=" image", disable=not progress)
-    for path in shards:
-        for sample in read_shard(path):
-            meta, caps = _meta(sample)
-            if "emb.npy" not in sample:
-                raise DatasetError(f"{path}: sample {sample['__key__']} has no emb.npy; run `webmcse-data embed "
-                                   f"{src}` with the model's image encoder first")
-            feat = np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False).reshape(-1)
-            if feat.shape[0] != scorer.model.image_dim:
-                raise DatasetError(f"{path}: features of {feat.shape[0]} dims, the model's image head takes "
-                                   f"{scorer.model.image_dim}; embed with the encoder the model was trained on")
-            noise = meta.get("noise")
-            labels += noise if isinstance(noise, list) and len(noise) == len(caps) else ["unknown"] * len(caps)
-            pending.append((feat, caps))
-            if len(pending) >= batch_size:
-                scores += scorer.score(pending)
-                bar.update(len(pending))
-                pending = []
+    for sample in samples(shards):
+        meta, caps = captions_of(sample)
+        if "emb.npy" not in sample:
+            raise DatasetError(f"{src}: sample {sample['__key__']} has no emb.npy; run `webmcse-data embed "
+                               f"{src}` with the model's image encoder first")
+        feat = np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False).reshape(-1)
+        if feat.shape[0] != scorer.model.image_dim:
+            raise DatasetError(f"{src}: features of {feat.shape[0]} dims, the model's image head takes "
+                               f"{scorer.model.image_dim}; embed with the encoder the model was trained on")
+        noise = meta.get("noise")
+        labels += noise if isinstance(noise, list) and len(noise) == len(caps) else ["unknown"] * len(caps)
+        pending.append((feat, caps))
+        if len(pending) >= batch_size:
+            scores += scorer.score(pending)
+            bar.update(len(pending))
+            pending = []
     if pending:
         scores += scorer.score(pending)
         bar.update(len(pending))
@@ -181,38 +152,34 @@ def score_pairs(dataset: str | Path, out: str | Path, model_dir: str | Path, *, 
     writer = ShardWriter(dst, max_count=shard_size)
     index = k = dropped_samples = 0
     try:
-        for path in shards:
-            for sample in read_shard(path):
-                meta, caps = _meta(sample)
-                row = scores[index]
-                keep = keep_flags[k:k + len(caps)]
-                k += len(caps)
-                index += 1
-                if not any(keep):
-                    dropped_samples += 1
-                    continue
-                meta["caption_scores"] = [round(x, 5) for x in row]
-                meta["scored_by"] = scorer.name
-                for name in ("captions", "noise", "noise_from", "clean_captions"):
-                    if isinstance(meta.get(name), list) and len(meta[name]) == len(caps):
-                        meta[name] = [v for v, kp in zip(meta[name], keep, strict=True) if kp]
-                if "captions" not in meta:
-                    meta["captions"] = [c for c, kp in zip(caps, keep, strict=True) if kp]
-                out_sample = {kk: v for kk, v in sample.items() if kk == "__key__" or not kk.startswith("__")}
-                out_sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-                out_sample["txt"] = meta["captions"][0].encode("utf-8")
-                writer.write(out_sample)
+        for sample in samples(shards):
+            meta, caps = captions_of(sample)
+            row = scores[index]
+            keep = keep_flags[k:k + len(caps)]
+            k += len(caps)
+            index += 1
+            if not any(keep):
+                dropped_samples += 1
+                continue
+            meta["caption_scores"] = [round(x, 5) for x in row]
+            meta["scored_by"] = scorer.name
+            for name in ("captions", "noise", "noise_from", "clean_captions"):
+                if isinstance(meta.get(name), list) and len(meta[name]) == len(caps):
+                    meta[name] = [v for v, kp in zip(meta[name], keep, strict=True) if kp]
+            if "captions" not in meta:
+                meta["captions"] = [c for c, kp in zip(caps, keep, strict=True) if kp]
+            sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+            sample["txt"] = meta["captions"][0].encode("utf-8")
+            writer.write(sample)
     except BaseException:
         writer.abort()
         raise
     flagged = [not kp for kp in keep_flags]
     detection = detection_report(flagged, labels) if "unknown" not in labels else {}
-    info = {kk: v for kk, v in manifest.items() if kk not in ("shards", "n_samples", "created", "format", "version")}
-    info.update({"shards": shard_dicts(writer.close()),
-                 "score_filter": {"scorer": scorer.name, "threshold": threshold, "top_fraction": top_fraction,
-                                  "captions": int(flat.size), "kept": int(sum(keep_flags)),
-                                  "images_dropped": dropped_samples, "from": str(src),
-                                  "from_manifest_sha256": file_sha256(src / MANIFEST), "detection": detection}})
+    info = derived_manifest(manifest, src, "score_filter", {
+        "scorer": scorer.name, "threshold": threshold, "top_fraction": top_fraction, "captions": int(flat.size),
+        "kept": int(sum(keep_flags)), "images_dropped": dropped_samples, "detection": detection})
+    info["shards"] = shard_dicts(writer.close())
     write_manifest(dst, info)
     return ScoreSummary(dst, int(flat.size), int(sum(keep_flags)), dropped_samples, threshold, detection)
 

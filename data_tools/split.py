@@ -11,23 +11,14 @@ Samples are copied member by member: nothing is decoded or re-encoded.
 from __future__ import annotations
 
 import hashlib
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from data_tools.shards import (
-    MANIFEST,
-    DatasetError,
-    ShardWriter,
-    file_sha256,
-    load_manifest,
-    read_shard,
-    shard_dicts,
-    write_manifest,
-)
+from data_tools.derive import derived_manifest, open_pairs, prepare_output, samples
+from data_tools.shards import DatasetError, ShardWriter, read_shard, shard_dicts, write_manifest
 
 
 @dataclass
@@ -46,19 +37,6 @@ def _rank(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
-def _check_out(out: Path, src: Path, overwrite: bool) -> None:
-    o, i = out.resolve(), src.resolve()
-    if o == i or i in o.parents or o in i.parents:
-        raise DatasetError(f"{out}: output overlaps the input dataset {src}; choose a separate folder")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise DatasetError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
-        if not (out / MANIFEST).is_file():
-            raise DatasetError(f"{out}: not a webmcse dataset (no manifest.json); refusing to delete it, "
-                               f"remove it yourself or choose another folder")
-        shutil.rmtree(out)
-
-
 def split_pairs(dataset: str | Path, train_out: str | Path, heldout_out: str | Path, *, holdout: float,
                 seed: int = 0, shard_size: int = 1000, overwrite: bool = False,
                 progress: bool = True) -> SplitSummary:
@@ -66,10 +44,7 @@ def split_pairs(dataset: str | Path, train_out: str | Path, heldout_out: str | P
     as two datasets with the source's manifest fields (image encoder, filters) and a record of
     the split."""
     src = Path(dataset)
-    manifest = load_manifest(src)
-    if manifest["kind"] != "pairs":
-        raise DatasetError(f"{src}: split holds out images of a pairs dataset; this one is kind "
-                           f"{manifest['kind']!r}")
+    manifest, shards = open_pairs(src, "split")
     total = int(manifest.get("n_samples", sum(s["n_samples"] for s in manifest["shards"])))
     n_hold = round(holdout * total) if 0 < holdout < 1 else int(holdout)
     if not 0 < n_hold < total:
@@ -79,10 +54,9 @@ def split_pairs(dataset: str | Path, train_out: str | Path, heldout_out: str | P
     if train_dir.resolve() == hold_dir.resolve():
         raise DatasetError(f"{train_dir}: the training and held-out outputs must be different folders")
     for out in (train_dir, hold_dir):
-        _check_out(out, src, overwrite)
+        prepare_output(src, out, overwrite)
 
     # Pass 1: keys only (tar headers and small members), to choose the held-out set globally.
-    shards = [src / s["name"] for s in manifest["shards"] if s["n_samples"] > 0]
     keys = [sample["__key__"] for path in shards for sample in read_shard(path)]
     held = set(sorted(keys, key=lambda k: _rank(seed, k))[:n_hold])
 
@@ -91,26 +65,22 @@ def split_pairs(dataset: str | Path, train_out: str | Path, heldout_out: str | P
     counts = {"train": 0, "heldout": 0}
     bar = tqdm(total=total, desc="split", unit=" sample", disable=not progress)
     try:
-        for path in shards:
-            for sample in read_shard(path):
-                role = "heldout" if sample["__key__"] in held else "train"
-                writers[role].write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
-                counts[role] += 1
-                bar.update(1)
+        for sample in samples(shards):
+            role = "heldout" if sample["__key__"] in held else "train"
+            writers[role].write(sample)
+            counts[role] += 1
+            bar.update(1)
     except BaseException:
         for w in writers.values():
             w.abort()
         raise
     finally:
         bar.close()
-    source_sha = file_sha256(src / MANIFEST)
     for role, out in (("train", train_dir), ("heldout", hold_dir)):
-        info: dict[str, Any] = {k: v for k, v in manifest.items()
-                                if k not in ("shards", "n_samples", "created", "format", "version")}
-        info.update({"kind": "pairs", "shards": shard_dicts(writers[role].close()),
-                     "split": {"role": role, "from": str(src), "from_manifest_sha256": source_sha, "seed": seed,
-                               "holdout": n_hold, "train": counts["train"], "heldout": counts["heldout"],
-                               "rule": "held out: the smallest sha256(seed:key)"}})
+        info = derived_manifest(manifest, src, "split", {
+            "role": role, "seed": seed, "holdout": n_hold, "train": counts["train"], "heldout": counts["heldout"],
+            "rule": "held out: the smallest sha256(seed:key)"})
+        info["shards"] = shard_dicts(writers[role].close())
         write_manifest(out, info)
     return SplitSummary(counts["train"], counts["heldout"], train_dir, hold_dir)
 
