@@ -16,8 +16,8 @@ cfg=configs/coco_mini.yaml
 launch="$bin/accelerate launch --config_file configs/accelerate/cpu.yaml --num_cpu_threads_per_process $(nproc)"
 data=data/coco_mini
 # Equal steps for every arm; the model compared is the last step's (no best-on-dev selection).
-sweep_common=(train.save_best=false eval.every_steps=0 eval.at_start=false)
-noise_tasks="eval.final_tasks=[stsb_dev,stsb_test]"
+sweep_common=(train.save_best=false eval.every_steps=0 eval.at_start=false eval.dev_task= eval.retrieval_every=false)
+noise_tasks="eval.final_tasks=[stsb_dev],eval.align_uniform=false"
 
 case "${1:-}" in
   curve)
