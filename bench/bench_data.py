@@ -1,37 +1,46 @@
-"""Data pipeline throughput: sharding, downloading (ours vs img2dataset), embedding.
+"""Data pipeline throughput: sharding local photos, the downloader against img2dataset, embedding.
 
 (a) ``shard-pairs`` on local real photos (the 239 COCO photos of shared/data/pairs/coco_mini,
-    listed repeatedly up to --images rows by absolute path — ``--allow-outside-paths``, one
-    record per row — with exact/near dedup off so repeats are kept): samples/s
-    with 1 worker and with every core, per core, and with ``--max-side 384`` re-encoding.
-(b) The same URL list fetched by our downloader (``shard-pairs`` on a url table) and by
-    img2dataset (its Python API, webdataset output, same processes/threads/timeout, no
-    retries, no resize), from a local http.server on 127.0.0.1 that adds --latency-ms to every
-    answer and injects faults: 10% 404, 5% slower than the timeout, 5% HTML served as .jpg,
-    5% truncated bodies (Content-Length promises twice what is sent). img2dataset's output is
-    then read back by ``shard-pairs`` (input kind: img2dataset folder).
+    listed repeatedly up to --images rows by absolute path, one record per row, dedup off so
+    repeats are kept): samples/s with 1 worker and with every core, with and without a
+    ``keep_ratio`` 256 resize.
+(b) ``webmcse-data shard-pairs`` vs ``img2dataset`` on the same URL list, each as its own
+    command in its own process tree, at matched settings: the same requests in flight
+    (``--workers W --download-threads T`` = ``--processes_count W --thread_count T``), the same
+    resize (``keep_ratio`` to --image-size, downscale only), JPEG quality, timeout and retries.
+    The URLs point at a loopback server in a separate process that injects faults by row:
+    404s, stalls longer than the timeout, HTML served as image/jpeg, bodies cut short of their
+    Content-Length, and redirects. Every URL serves a distinct photo (collages of two COCO
+    photos, perceptually far apart), so deduplication keeps every row and both tools save
+    the same rows. Runs are interleaved (ours with dedup+hashing, ours without, img2dataset
+    with sha256, img2dataset without) and repeated; the table gives medians. CPU-seconds are
+    user+sys of the whole process tree (``wait4`` on the command: every worker it waited for).
 (c) ``embed`` (read shard, decode, preprocess, forward, write) vs the encoder's forward pass
     alone on random tensors, same batch size and device.
 
-    python bench/bench_data.py [--images 960] [--urls 800] [--workers N] [--threads 32]
-                               [--embed-images 256] [--device cpu] [--no-write]
+    flock /tmp/webmcse-heavy.lock python bench/bench_data.py [--urls 2000,20000] [--repeats 3]
+        [--workers 2] [--threads 32] [--image-size 256] [--skip a,c] [--no-write]
 
-img2dataset pins webdataset<0.3, so it is installed beside our webdataset 1.0.2 with
-``pip install -e '.[bench]' && pip install --no-deps 'img2dataset>=1.45'``; without it, (b)
-reports our downloader only.
+img2dataset pins webdataset<0.3, so it lives in its own virtual environment:
+``python -m venv /tmp/i2d-venv && /tmp/i2d-venv/bin/pip install 'img2dataset==1.47.*'``
+(--i2d names its command; without it, (b) reports our tool only).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
+import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -43,6 +52,9 @@ sys.path.insert(0, str(ROOT))
 from bench.report import write_section  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "pairs" / "coco_mini"
+I2D_DEFAULT = "/tmp/i2d-venv/bin/img2dataset"
+FAULTS = {0: "404", 10: "404", 3: "stall", 7: "html", 13: "cut", 5: "redirect", 15: "redirect"}
+"""Fault of row i by i % 20; the other rows (and redirect targets) serve their photo."""
 
 
 def _photos() -> list[tuple[Path, str]]:
@@ -53,7 +65,7 @@ def _photos() -> list[tuple[Path, str]]:
 # --- (a) local sharding ------------------------------------------------------------------------
 
 
-def bench_shard(tmp: Path, n_images: int, workers: int) -> list[dict[str, Any]]:
+def bench_shard(tmp: Path, n_images: int, workers: int, size: int) -> list[dict[str, Any]]:
     from data_tools.commands import shard_pairs
     from data_tools.filters import ImageOptions
 
@@ -65,141 +77,287 @@ def bench_shard(tmp: Path, n_images: int, workers: int) -> list[dict[str, Any]]:
             fh.write(json.dumps({"key": f"r{i:06d}", "file": str(path), "caption": cap}) + "\n")
     mb = sum(photos[i % len(photos)][0].stat().st_size for i in range(n_images)) / 2**20
     results = []
-    for w, max_side in ((1, 0), (workers, 0), (workers, 384)):
-        out = tmp / f"local_w{w}_{max_side}"
+    for w, mode in ((1, "no"), (workers, "no"), (1, "keep_ratio"), (workers, "keep_ratio")):
+        out = tmp / f"local_w{w}_{mode}"
         t0 = time.perf_counter()
         s = shard_pairs([table], out, dedup="none", near_dup_distance=None, workers=w, chunk_size=32,
-                        images=ImageOptions(max_side=max_side), max_count=500, allow_outside_paths=True,
-                        group_by_image=False, progress=False)
+                        images=ImageOptions(resize_mode=mode, image_size=size), max_count=500,
+                        allow_outside_paths=True, group_by_image=False, progress=False)
         dt = time.perf_counter() - t0
-        results.append({"workers": w, "max_side": max_side, "samples": s.written, "seconds": dt,
-                        "rate": s.written / dt, "per_core": s.written / dt / w, "mb_s": mb / dt})
+        results.append({"workers": w, "mode": mode, "size": size, "samples": s.written, "seconds": dt,
+                        "rate": s.written / dt, "mb_s": mb / dt})
         shutil.rmtree(out)
     return results
 
 
-# --- (b) downloads with faults -----------------------------------------------------------------
+# --- (b) the URL list, its server, the two tools ------------------------------------------------
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024  # the listen() backlog: the default 5 drops SYNs under 64 clients
+def photo_set(n: int, cache: Path) -> Path:
+    """``n`` distinct JPEGs ``NNNNNN.jpg`` (photo a's left part + photo b's right part, at a's
+    size, a seeded split, every other one mirrored), built once and kept in ``cache``.
+    Each is checked against every earlier one with the near-duplicate index at the
+    default distance (with a margin), so exact and near dedup keep every row."""
+    from PIL import Image
+
+    from data_tools.dedup import NEAR_DUP_DEFAULT, NearDupIndex, image_phash
+
+    folder = cache / "collages-v1"
+    if (folder / "done").is_file() and int((folder / "done").read_text()) >= n:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    base = [Image.open(p).convert("RGB") for p, _ in _photos()]
+    index = NearDupIndex(2 * NEAR_DUP_DEFAULT)  # margin: far apart for any phash variant
+    m = len(base)
+    made = attempt = 0
+    t0 = time.monotonic()
+    while made < n:
+        a, b = attempt % m, (attempt * 7 + attempt // m + 1) % m
+        attempt += 1
+        if a == b:
+            continue
+        left = base[a]
+        right = base[b].resize(left.size, Image.Resampling.BILINEAR)
+        split = left.width * (35 + (attempt * 13) % 31) // 100
+        img = left.copy()
+        img.paste(right.crop((split, 0, left.width, left.height)), (split, 0))
+        if attempt % 2:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        ph = image_phash(img)
+        if index.find(ph) is not None:
+            continue
+        index.add(ph)
+        img.save(folder / f"{made:06d}.jpg", quality=90)
+        made += 1
+        if made % 2000 == 0:
+            print(f"  photo set: {made}/{n} ({time.monotonic() - t0:.0f} s)", flush=True)
+    (folder / "done").write_text(str(n))
+    return folder
 
 
-class FaultyServer:
-    """Serves the photos at /img/<i>.jpg with the fault of row i (see module docstring)."""
+def row_kind(i: int) -> str:
+    return FAULTS.get(i % 20, "ok")
 
-    def __init__(self, n: int, latency: float, slow: float) -> None:
-        photos = [p.read_bytes() for p, _ in _photos()]
-        self.kinds: dict[str, str] = {}
-        self.bodies: dict[str, bytes] = {}
-        for i in range(n):
-            r = i % 20
-            kind = "404" if r in (0, 10) else "slow" if r == 3 else "html" if r == 7 else "cut" if r == 13 else "ok"
-            self.kinds[f"/img/{i}.jpg"] = kind
-            self.bodies[f"/img/{i}.jpg"] = photos[i % len(photos)]
-        srv = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+def serve(folder: str, n: int, latency: float, stall: float, port_q: Any) -> None:
+    """The faulty loopback server (run in its own process: its CPU is not either tool's)."""
 
-            def log_message(self, *args: Any) -> None:
-                pass
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 1024  # the listen() backlog: the default 5 drops SYNs under load
 
-            def do_GET(self) -> None:
-                time.sleep(latency)
-                kind = srv.kinds.get(self.path, "404")
-                try:
-                    if kind == "404":
-                        self.send_response(404)
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                    if kind == "slow":
-                        time.sleep(slow)
-                    body = srv.bodies[self.path]
-                    if kind == "html":
-                        body = b"<!DOCTYPE html><html><body>Image not available</body></html>"
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/html" if kind == "html" else "image/jpeg")
-                    self.send_header("Content-Length", str(len(body) * (2 if kind == "cut" else 1)))
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # clients that hang up (timeouts, cut bodies) are part of the test
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive for clients that ask for it
+        disable_nagle_algorithm = True  # header and body leave at once, as from a real server
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _send(self, code: int, body: bytes, ctype: str = "image/jpeg", length: int | None = None,
+                  extra: dict[str, str] | None = None, close: bool = False) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body) if length is None else length))
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            if close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            time.sleep(latency)
+            try:
+                path = self.path
+                target = path.startswith("/to/")
+                i = int(path.rsplit("/", 1)[-1].split(".")[0])
+                kind = "ok" if target else row_kind(i) if 0 <= i < n else "404"
+                if kind == "404":
+                    self._send(404, b"", "text/plain")
+                elif kind == "redirect":
+                    self._send(302, b"", "text/plain", extra={"Location": f"/to/{i}.jpg"})
+                elif kind == "html":
+                    self._send(200, b"<!DOCTYPE html><html><body>Image not available</body></html>")
+                else:
+                    if kind == "stall":
+                        time.sleep(stall)
+                    body = (Path(folder) / f"{i:06d}.jpg").read_bytes()
                     if kind == "cut":
-                        self.send_header("Connection", "close")
-                        self.close_connection = True
-                    self.end_headers()
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+                        self._send(200, body[: len(body) // 2], length=len(body), close=True)
+                    else:
+                        self._send(200, body)
+            except (BrokenPipeError, ConnectionResetError, ValueError):
+                self.close_connection = True
 
-        self.httpd = _Server(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    httpd = Server(("127.0.0.1", 0), Handler)
+    port_q.put(httpd.server_address[1])
+    httpd.serve_forever()
+
+
+class ServerProcess:
+    def __init__(self, folder: Path, n: int, latency: float, stall: float) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        q = ctx.Queue()
+        self.proc = ctx.Process(target=serve, args=(str(folder), n, latency, stall, q), daemon=True)
+        self.proc.start()
+        self.base = f"http://127.0.0.1:{q.get(timeout=60)}"
+
+    def cpu(self) -> float:
+        return _proc_cpu(self.proc.pid)
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.proc.terminate()
+        self.proc.join(10)
 
 
-def bench_download(tmp: Path, n_urls: int, workers: int, threads: int, latency: float,
-                   timeout: float) -> dict[str, Any]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    from data_tools.commands import shard_pairs
-    from data_tools.download import DownloadOptions
 
-    server = FaultyServer(n_urls, latency, slow=timeout + 1.0)
-    photos = _photos()
-    rows = [{"url": f"{server.base}/img/{i}.jpg", "caption": photos[i % len(photos)][1]} for i in range(n_urls)]
-    table = tmp / "urls.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), table)
-    expected = sum(1 for k in server.kinds.values() if k == "ok")
-    out: dict[str, Any] = {"urls": n_urls, "expected_ok": expected,
-                           "faults": dict(sorted({k: list(server.kinds.values()).count(k)
-                                                  for k in set(server.kinds.values())}.items()))}
-    try:
+def _machine_busy() -> float:
+    """CPU-seconds the whole machine has been busy (all cores, /proc/stat)."""
+    vals = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = vals[3] + vals[4]
+    return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
+    """Run ``cmd``; wall seconds and CPU-seconds of its whole (waited-for) process tree."""
+    with open(log, "w") as fh:
         t0 = time.perf_counter()
-        s = shard_pairs([table], tmp / "ours", dedup="none", near_dup_distance=None, workers=workers,
-                        download=DownloadOptions(timeout=timeout, retries=0, threads=threads * workers),
-                        chunk_size=32, max_count=1000, progress=False)
-        dt = time.perf_counter() - t0
-        out["ours"] = {"seconds": dt, "ok": s.written, "rate": n_urls / dt, "dropped": s.dropped}
-        try:
-            import img2dataset  # noqa: F401
-        except ImportError:
-            out["img2dataset"] = None
-            return out
-        out["img2dataset"] = _run_img2dataset(table, tmp / "i2d", workers, threads, timeout, n_urls)
-        t0 = time.perf_counter()
-        back = shard_pairs([tmp / "i2d"], tmp / "i2d_read", dedup="none", near_dup_distance=None,
-                           progress=False)
-        out["i2d_read"] = {"seconds": time.perf_counter() - t0, "written": back.written, "dropped": back.dropped}
-    finally:
-        server.close()
-    return out
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}:\n{log.read_text()[-2000:]}")
+    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "maxrss_mb": ru.ru_maxrss / 1024}
 
 
-def _run_img2dataset(table: Path, folder: Path, workers: int, threads: int, timeout: float,
-                     n_urls: int) -> dict[str, Any]:
-    from img2dataset import download
+def run_ours(table: Path, out: Path, a: argparse.Namespace, dedup: bool, log: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "data_tools", "shard-pairs", str(table), "--out", str(out),
+           "--workers", str(a.workers), "--download-threads", str(a.threads),
+           "--resize-mode", "keep_ratio", "--image-size", str(a.image_size), "--jpeg-quality", str(a.quality),
+           "--timeout", str(a.timeout), "--retries", "0", "--shard-size", "10000", "--no-progress"]
+    if not dedup:
+        cmd += ["--dedup", "none", "--near-dup-distance", "-1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = timed(cmd, env, log)
+    m = json.loads((out / "manifest.json").read_text())
+    r["saved"] = m["n_samples"]
+    r["dropped"] = m["counts"]["dropped"]
+    return r
 
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    per_shard = max(1, math.ceil(n_urls / (4 * workers)))  # several shards per process
-    t0 = time.perf_counter()
-    download(url_list=str(table), input_format="parquet", url_col="url", caption_col="caption",
-             output_folder=str(folder), output_format="webdataset", processes_count=workers,
-             thread_count=threads, timeout=math.ceil(timeout), retries=0, resize_mode="no",
-             number_sample_per_shard=per_shard, enable_wandb=False, disallowed_header_directives=[],
-             distributor="multiprocessing")
-    dt = time.perf_counter() - t0
-    stats = [json.loads(p.read_text()) for p in sorted(folder.glob("*_stats.json"))]
-    ok = sum(s.get("successes", 0) for s in stats)
+
+def run_i2d(i2d: str, table: Path, out: Path, a: argparse.Namespace, n: int, hashing: bool,
+            log: Path) -> dict[str, Any]:
+    cmd = [i2d, "--url_list", str(table), "--input_format", "parquet", "--url_col", "url",
+           "--caption_col", "caption", "--output_folder", str(out), "--output_format", "webdataset",
+           "--processes_count", str(a.workers), "--thread_count", str(a.threads),
+           "--resize_mode", "keep_ratio", "--image_size", str(a.image_size), "--resize_only_if_bigger", "True",
+           "--encode_quality", str(a.quality), "--timeout", str(math.ceil(a.timeout)), "--retries", "0",
+           "--number_sample_per_shard", str(max(1, math.ceil(n / (4 * a.workers)))),
+           "--enable_wandb", "False", "--disallowed_header_directives", "[]",
+           "--compute_hash", "sha256" if hashing else "None"]
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+    env.pop("PYTHONPATH", None)
+    r = timed(cmd, env, log)
+    stats = [json.loads(p.read_text()) for p in sorted(out.glob("*_stats.json"))]
+    r["saved"] = sum(s.get("successes", 0) for s in stats)
     status: dict[str, int] = {}
     for s in stats:
         for k, v in (s.get("status_dict") or {}).items():
-            k = k.split("(", 1)[0].strip()  # "IncompleteRead(116377 bytes read, ...)" -> one bucket
+            k = k.split("(", 1)[0].strip()
             status[k] = status.get(k, 0) + v
-    return {"seconds": dt, "ok": ok, "rate": n_urls / dt, "status": status}
+    status.pop("success", None)
+    r["dropped"] = status
+    return r
+
+
+def _sizes_by_url(folder: Path, ours: bool) -> dict[str, tuple[int, int]]:
+    """url -> (width, height) of the stored image, read from the decoded pixels."""
+    from PIL import Image
+
+    out: dict[str, tuple[int, int]] = {}
+    for tar in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            members: dict[str, dict[str, bytes]] = {}
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")
+                f = tf.extractfile(m)
+                assert f is not None
+                members.setdefault(key, {})[ext] = f.read()
+        for parts in members.values():
+            img = parts.get("jpg")
+            if img is None:
+                continue
+            meta = json.loads(parts["json"])
+            url = meta["url"]
+            if "/to/" in url:
+                url = url.replace("/to/", "/img/")
+            out[url] = Image.open(io.BytesIO(img)).size
+    return out
+
+
+def bench_download(tmp: Path, a: argparse.Namespace, n: int, i2d: str | None) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = photo_set(n, Path(a.cache))
+    server = ServerProcess(folder, n, a.latency_ms / 1000, a.timeout + 1.0)
+    captions = [c for _, c in _photos()]
+    rows = [{"url": f"{server.base}/img/{i}.jpg", "caption": captions[i % len(captions)] + f" (view {i})"}
+            for i in range(n)]
+    table = tmp / f"urls{n}.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), table)
+    kinds = [row_kind(i) for i in range(n)]
+    res: dict[str, Any] = {"urls": n, "faults": {k: kinds.count(k) for k in sorted(set(kinds))},
+                           "can_succeed": sum(k in ("ok", "redirect") for k in kinds), "runs": {}}
+    arms = [("ours", True), ("ours", False)] + ([("i2d", True), ("i2d", False)] if i2d else [])
+    try:
+        for rep in range(a.repeats):
+            order = arms[rep % len(arms):] + arms[: rep % len(arms)]  # rotate who goes first
+            for tool, on in order:
+                name = f"{tool}-{'on' if on else 'off'}"
+                out = tmp / f"{name}-{n}"
+                shutil.rmtree(out, ignore_errors=True)
+                load0, busy0, srv0 = os.getloadavg()[0], _machine_busy(), server.cpu()
+                if tool == "ours":
+                    r = run_ours(table, out, a, on, tmp / f"{name}.log")
+                else:
+                    assert i2d is not None
+                    r = run_i2d(i2d, table, out, a, n, on, tmp / f"{name}.log")
+                r["server_cpu"] = server.cpu() - srv0
+                r["machine_busy"] = _machine_busy() - busy0
+                r["load1"] = load0
+                r["others_cpu"] = max(0.0, r["machine_busy"] - r["cpu"] - r["server_cpu"])
+                print(f"  {n} URLs, run {rep + 1}, {name}: {r['wall']:.1f} s, {r['cpu']:.1f} CPU-s, "
+                      f"{r['saved']} saved, others {r['others_cpu']:.1f} CPU-s", flush=True)
+                if rep == a.repeats - 1 and on:
+                    res.setdefault("sizes", {})[tool] = _sizes_by_url(out, tool == "ours")
+                res["runs"].setdefault(name, []).append(r)
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        server.close()
+    sizes = res.pop("sizes", {})
+    if "ours" in sizes and "i2d" in sizes:
+        both = set(sizes["ours"]) & set(sizes["i2d"])
+        res["same_urls"] = len(both) == len(sizes["ours"]) == len(sizes["i2d"])
+        res["size_mismatch"] = sum(sizes["ours"][u] != sizes["i2d"][u] for u in both)
+        res["compared"] = len(both)
+        res["size_example"] = sizes["ours"][min(both)] if both else None
+    return res
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
 
 
 # --- (c) embedding ----------------------------------------------------------------------------
@@ -244,34 +402,17 @@ def bench_embed(tmp: Path, n_images: int, device: str, batch: int) -> dict[str, 
 # --- report ------------------------------------------------------------------------------------
 
 
-def render(a: list[dict[str, Any]], b: dict[str, Any] | None, c: dict[str, Any] | None,
-           args: argparse.Namespace) -> str:
+def render_local(a_res: list[dict[str, Any]], c: dict[str, Any] | None) -> str:
     parts = []
-    if a:
-        parts.append(f"**(a) shard-pairs, local COCO photos** ({a[0]['samples']} rows of 640-px JPEGs, decode + "
-                     f"checks + phash + tar write; dedup off so repeats count)\n")
-        parts.append("| workers | re-encode | samples/s | per core | input MB/s |\n|---|---|---|---|---|")
-        for r in a:
-            parts.append(f"| {r['workers']} | {'max side ' + str(r['max_side']) if r['max_side'] else 'no'} "
-                         f"| {r['rate']:.0f} | {r['per_core']:.0f} | {r['mb_s']:.1f} |")
-    if b:
-        parts.append(f"\n**(b) downloads** of {b['urls']} URLs from a local server ({args.latency_ms} ms latency "
-                     f"per answer; faults: {', '.join(f'{k} {v}' for k, v in b['faults'].items())}; "
-                     f"{b['expected_ok']} can succeed), {args.workers} process(es) x {args.threads} threads, "
-                     f"timeout {args.timeout} s, no retries\n")
-        parts.append("| tool | seconds | URLs/s | images kept | failures by reason |\n|---|---|---|---|---|")
-        o = b["ours"]
-        parts.append(f"| webmcse-data shard-pairs | {o['seconds']:.1f} | {o['rate']:.0f} | {o['ok']} | "
-                     f"{', '.join(f'{k} {v}' for k, v in sorted(o['dropped'].items()))} |")
-        i = b.get("img2dataset")
-        if i:
-            parts.append(f"| img2dataset (webdataset, resize no) | {i['seconds']:.1f} | {i['rate']:.0f} | {i['ok']} | "
-                         f"{', '.join(f'{k[:40]} {v}' for k, v in sorted(i['status'].items()) if k != 'success')} |")
-            r = b["i2d_read"]
-            parts.append(f"\nimg2dataset's output read back by `shard-pairs` (input kind img2dataset): "
-                         f"{r['written']} samples in {r['seconds']:.1f} s, dropped {r['dropped'] or 'none'}.")
-        else:
-            parts.append("\nimg2dataset not installed: only our downloader measured.")
+    if a_res:
+        parts.append(f"**(a) shard-pairs, local COCO photos** ({a_res[0]['samples']} rows of 640-px JPEGs read "
+                     f"from disk: header checks, one decode, sha256, phash, tar write; dedup off so repeats "
+                     f"count)\n")
+        parts.append("| workers | resize | samples/s | input MB/s |\n|---|---|---|---|")
+        for r in a_res:
+            mode = "no (original bytes)" if r["mode"] == "no" else f"{r['mode']} {r['size']}"
+            parts.append(f"| {r['workers']} | {mode} | {r['rate']:.0f} | {r['mb_s']:.1f} |")
+        parts.append("\nThe downloader's comparison with img2dataset is in the next section.")
     if c:
         parts.append(f"\n**(c) embed vs forward only** (EfficientNet-Lite0, {c['images']} images, batch {c['batch']}, "
                      f"{c['device']}, {c['threads']} torch threads)\n")
@@ -282,37 +423,123 @@ def render(a: list[dict[str, Any]], b: dict[str, Any] | None, c: dict[str, Any] 
     return "\n".join(parts)
 
 
+def render_download(results: list[dict[str, Any]], a: argparse.Namespace, i2d_version: str | None) -> str:
+    inflight = a.workers * a.threads
+    p = [f"Same URL list, same machine, runs interleaved; each figure is the median of {a.repeats} runs. "
+         f"Settings shared by both tools: {a.workers} processes x {a.threads} download threads each = "
+         f"**{inflight} requests in flight**, resize `keep_ratio` to {a.image_size} px on the shorter side "
+         f"(downscale only), JPEG quality {a.quality}, timeout {a.timeout:g} s, no retries, webdataset tars. "
+         f"The loopback server runs in its own process ({a.latency_ms} ms per answer; by row: 10% 404, "
+         f"5% stall {a.timeout + 1:g} s (past the timeout), 5% HTML served as image/jpeg, 5% body cut "
+         f"at half its Content-Length, 10% one redirect); every URL is a distinct photo (a collage of "
+         f"two COCO photos, kept {inflight} requests busy), so both tools can save the same rows.\n"]
+    p.append("| URLs | tool | dedup + hashing | wall s | samples saved | samples/s | CPU-s | "
+             "CPU-ms per saved sample | vs img2dataset (same hashing): samples/s, CPU per sample |")
+    p.append("|---|---|---|---|---|---|---|---|---|")
+    for res in results:
+        runs = res["runs"]
+        for name in ("ours-on", "ours-off", "i2d-on", "i2d-off"):
+            if name not in runs:
+                continue
+            rr = runs[name]
+            wall, cpu, saved = _median(rr, "wall"), _median(rr, "cpu"), _median(rr, "saved")
+            rate = statistics.median(r["saved"] / r["wall"] for r in rr)
+            per = statistics.median(1000 * r["cpu"] / max(1, r["saved"]) for r in rr)
+            tool, on = name.split("-")
+            label = "webmcse-data shard-pairs" if tool == "ours" else f"img2dataset {i2d_version or ''}".strip()
+            what = ("sha256 + phash, exact + near dedup" if on == "on" else "sha256 only, no dedup") \
+                if tool == "ours" else ("sha256 (`--compute_hash sha256`)" if on == "on" else "none")
+            ratio = ""
+            peer = runs.get(f"i2d-{on}")
+            if tool == "ours" and peer:
+                prate = statistics.median(r["saved"] / r["wall"] for r in peer)
+                pper = statistics.median(1000 * r["cpu"] / max(1, r["saved"]) for r in peer)
+                ratio = f"**{rate / prate:.2f}x**, **{per / pper:.2f}x**"
+            p.append(f"| {res['urls']:,} | {label} | {what} | {wall:.1f} | {saved:,.0f} | {rate:.0f} | {cpu:.1f} | "
+                     f"{per:.2f} | {ratio} |")
+    p.append("")
+    for res in results:
+        runs = res["runs"]
+        o = runs["ours-on"][-1]
+        line = (f"{res['urls']:,} URLs ({res['can_succeed']:,} can succeed): ours dropped "
+                f"{', '.join(f'{k} {v}' for k, v in sorted(o['dropped'].items()))}")
+        if "i2d-on" in runs:
+            i = runs["i2d-on"][-1]
+            line += f"; img2dataset: {', '.join(f'{k[:40]} {v}' for k, v in sorted(i['dropped'].items()))}"
+        if "compared" in res:
+            line += (f". Stored images compared URL by URL: {'the same' if res['same_urls'] else 'NOT the same'} "
+                     f"{res['compared']:,} URLs saved by both, {res['size_mismatch']} with another pixel size "
+                     f"(e.g. {res['size_example'][0]}x{res['size_example'][1]})")
+        p.append(line + ".")
+        loads = [r["load1"] for rr in runs.values() for r in rr]
+        others = [r["others_cpu"] / r["wall"] for rr in runs.values() for r in rr]
+        srv = [r["server_cpu"] / r["wall"] for rr in runs.values() for r in rr]
+        p.append(f"\nLoad while measuring ({res['urls']:,} URLs): 1-min load average {min(loads):.1f}-{max(loads):.1f} "
+                 f"at the start of the runs; other work used {statistics.median(others):.2f} cores "
+                 f"(median; {max(others):.2f} at most) of the 2 beside the tool under test and the server "
+                 f"({statistics.median(srv):.2f} cores).\n")
+    p.append("Settings that differ, and why: img2dataset also extracts EXIF (its default; cheap on these "
+             "photos) and writes a parquet table and stats per shard; we write one manifest and check "
+             "each image fully (one decode, truncated files dropped). img2dataset gets "
+             f"`--number_sample_per_shard` = URLs / {4 * a.workers} so each of its processes gets several "
+             "shards (one shard per process would serialize it); we write one tar per 10,000 samples. "
+             "img2dataset's `--resize_only_if_bigger True` matches our no-upscaling default (every photo "
+             "here is larger than the target, so it changes nothing). Its `--timeout` takes whole "
+             "seconds. CPU-s include each tool's start-up (imports, process spawns): a few seconds that "
+             "weigh on the 2,000-URL list and not on the 20,000 one.")
+    return "\n".join(p)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=960)
-    p.add_argument("--urls", type=int, default=800)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--threads", type=int, default=32, help="download threads per process")
+    p.add_argument("--urls", default="2000,20000", help="comma list of URL-list sizes")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=32, help="download threads per process (both tools)")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality (img2dataset's default)")
     p.add_argument("--latency-ms", type=int, default=50)
     p.add_argument("--timeout", type=float, default=2.0)
+    p.add_argument("--i2d", default=I2D_DEFAULT, help="img2dataset command (its own venv)")
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "webmcse-bench-photos"))
     p.add_argument("--embed-images", type=int, default=256)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
-    args = p.parse_args()
+    a = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    skip = set(args.skip.split(","))
+    skip = set(a.skip.split(","))
+    i2d = a.i2d if a.i2d and shutil.which(a.i2d) else None
+    i2d_version = None
+    if i2d:
+        pyexe = str(Path(i2d).with_name("python"))
+        i2d_version = subprocess.run([pyexe, "-c", "import importlib.metadata as m; print(m.version('img2dataset'))"],
+                                     capture_output=True, text=True).stdout.strip() or None
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
     try:
-        a = bench_shard(tmp, args.images, args.workers) if "a" not in skip else []
-        print(render(a, None, None, args), flush=True)
-        b = bench_download(tmp, args.urls, args.workers, args.threads, args.latency_ms / 1000, args.timeout) \
-            if "b" not in skip else None
-        c = bench_embed(tmp, args.embed_images, args.device, args.batch) if "c" not in skip else None
+        a_res = bench_shard(tmp, a.images, a.workers, a.image_size) if "a" not in skip else []
+        if a_res:
+            print(render_local(a_res, None), flush=True)
+        b_res = [bench_download(tmp, a, int(n), i2d) for n in a.urls.split(",")] if "b" not in skip else []
+        if b_res:
+            print(render_download(b_res, a, i2d_version), flush=True)
+        c = bench_embed(tmp, a.embed_images, a.device, a.batch) if "c" not in skip else None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    body = render(a, b, c, args)
-    print(body)
-    if not args.no_write:
-        cmd = "python bench/bench_data.py " + " ".join(sys.argv[1:])
-        write_section("data", "Data pipeline: sharding, downloads (vs img2dataset), embedding", body, cmd.strip())
-        print("\nwrote the 'data' section of docs/BENCHMARKS.md")
+    cmd = "flock /tmp/webmcse-heavy.lock python bench/bench_data.py " + " ".join(sys.argv[1:])
+    if a_res or c:
+        body = render_local(a_res, c)
+        print(body)
+        if not a.no_write:
+            write_section("data", "Data pipeline: sharding local photos, embedding", body, cmd.strip())
+    if b_res:
+        body = render_download(b_res, a, i2d_version)
+        if not a.no_write:
+            write_section("data-download", "Downloading: webmcse-data vs img2dataset at matched settings",
+                          body, cmd.strip())
+            print("\nwrote docs/BENCHMARKS.md")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any
 
 from data_tools.dedup import NEAR_DUP_DEFAULT
 from data_tools.download import DownloadOptions
-from data_tools.filters import FilterOptions, ImageOptions
+from data_tools.filters import RESIZE_MODES, FilterOptions, ImageOptions
 from data_tools.sources import INPUT_FORMATS
 
 
@@ -57,7 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-verify-decode", dest="verify_decode", action="store_false",
                     help="check image headers only, skip the full decode (faster; truncated files get through, "
                          "and no phash: near-dup dedup and --eval-images need the decode)")
-    sp.add_argument("--max-side", type=int, default=0, help="downscale larger images to this longer side (JPEG)")
+    sp.add_argument("--resize-mode", choices=RESIZE_MODES, default="no",
+                    help="as img2dataset's: keep_ratio (shorter side to --image-size), keep_ratio_largest (longer "
+                         "side), center_crop (keep_ratio, then the centred square), border (keep_ratio_largest, "
+                         "then white padding to the square), no (keep the downloaded bytes; default). Resized "
+                         "images are stored as JPEG")
+    sp.add_argument("--image-size", type=int, default=0, help="target side in pixels for --resize-mode")
+    sp.add_argument("--upscale", action="store_true",
+                    help="also enlarge images smaller than --image-size (default: keep them at their size, as "
+                         "img2dataset's --resize_only_if_bigger)")
+    sp.add_argument("--max-side", type=int, default=0,
+                    help="older spelling of --resize-mode keep_ratio_largest --image-size N")
     sp.add_argument("--jpeg-quality", type=int, default=ImageOptions.jpeg_quality)
     sp.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG")
     dl = DownloadOptions()
@@ -67,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="seconds before the first retry (doubles per retry)")
     sp.add_argument("--max-image-bytes", type=int, default=dl.max_bytes, help="download size cap")
     sp.add_argument("--max-redirects", type=int, default=dl.max_redirects)
-    sp.add_argument("--download-threads", type=int, default=dl.threads, help="concurrent downloads")
+    sp.add_argument("--download-threads", type=int, default=dl.threads,
+                    help="download threads per worker process, like img2dataset's --thread_count: "
+                         "--workers x --download-threads requests are in flight")
     sp.add_argument("--user-agent", default=dl.user_agent, help="User-Agent header of downloads")
     sp.add_argument("--clip-model", help="score pairs with this open_clip model (or model-config .json)")
     sp.add_argument("--clip-pretrained", help="open_clip pretrained tag (default: random init, tests only)")
@@ -163,7 +175,14 @@ def _shard_pairs(args: argparse.Namespace) -> Any:
     opts = FilterOptions(min_caption_chars=args.min_caption_chars, min_caption_words=args.min_caption_words,
                          max_caption_chars=args.max_caption_chars, min_side=args.min_side,
                          max_aspect=args.max_aspect, max_pixels=args.max_pixels, verify_decode=args.verify_decode)
-    images = ImageOptions(max_side=args.max_side, jpeg_quality=args.jpeg_quality, reencode=args.reencode)
+    mode, size = args.resize_mode, args.image_size
+    if args.max_side:
+        if mode != "no":
+            raise ValueError("--max-side N is the older spelling of --resize-mode keep_ratio_largest --image-size N; "
+                             "give one or the other")
+        mode, size = "keep_ratio_largest", args.max_side
+    images = ImageOptions(resize_mode=mode, image_size=size, upscale=args.upscale, jpeg_quality=args.jpeg_quality,
+                          reencode=args.reencode)
     download = DownloadOptions(timeout=args.timeout, retries=args.retries, backoff=args.retry_backoff,
                                max_bytes=args.max_image_bytes, max_redirects=args.max_redirects,
                                threads=args.download_threads, user_agent=args.user_agent)

@@ -26,9 +26,17 @@ import numpy as np
 from tqdm import tqdm
 
 from data_tools.dedup import NEAR_DUP_DEFAULT, DedupMode, NearDupIndex, SeenSet, identity_digest, phash_hex, sha256_hex
-from data_tools.download import DownloadOptions
+from data_tools.download import DownloadOptions, requests_in_flight
 from data_tools.filters import DropCounter, FilterOptions, ImageOptions, normalize_caption
-from data_tools.pipeline import PrepareConfig, Prepared, ordered_map, prefetch, prepare_chunk, rescue_chunk
+from data_tools.pipeline import (
+    PrefetchStats,
+    PrepareConfig,
+    Prepared,
+    ordered_map,
+    prefetch,
+    prepare_chunk,
+    rescue_chunk,
+)
 from data_tools.shards import (
     CLIP_STATE,
     EMBED_STATE,
@@ -404,12 +412,17 @@ def shard_pairs(
     notes = ReadNotes()
     warn = _Warner()
     writer = ShardWriter(folder, max_count=max_count, max_bytes=max_bytes, start_index=len(done_shards))
-    cfg = PrepareConfig(filters=opts, images=img_opts, download=dl_opts, phash=True)
+    # The phash is computed only where something compares it: near dedup (here or in the
+    # merge of a partitioned run) and the held-out photo filter.
+    cfg = PrepareConfig(filters=opts, images=img_opts, download=dl_opts,
+                        phash=near is not None or (evalf is not None and evalf.photos is not None))
     records = read_pairs(inputs, image_col, caption_col, key_col, input_format=input_format,
                          image_root=image_root, strict=strict, notes=notes, group=group_by_image,
                          allow_outside=allow_outside_paths,
                          select=partition(part, parts) if part_mode else None)  # type: ignore[arg-type]
-    todo = prefetch((p for p in records if start is None or p.pos > start), cfg)
+    fetch_stats = PrefetchStats()
+    todo = prefetch((p for p in records if start is None or p.pos > start), cfg,
+                    in_flight=requests_in_flight(dl_opts, workers), stats=fetch_stats)
     bar = tqdm(desc="shard-pairs" + (f" part {part}/{parts}" if part_mode else ""), unit=" pairs",
                initial=seen, disable=not progress)
 
@@ -473,6 +486,7 @@ def shard_pairs(
         raise
     finally:
         bar.close()
+    _report_downloads(fetch_stats)
     shards = done_shards + shard_dicts(writer.shards)
     if index is not None:
         for entry in shards:
@@ -504,6 +518,18 @@ def shard_pairs(
             summary.dropped[k] = summary.dropped.get(k, 0) + v
         summary.written, summary.n_shards = fs.written, fs.n_shards
     return summary
+
+
+def _report_downloads(st: PrefetchStats) -> None:
+    net = st.net
+    if not net.get("requests"):
+        return
+    log.info("downloads: %d requests in %d connections (%d on kept-alive ones), %d host lookups (%d cached), "
+             "%d requests in flight", net["requests"], net["connections"], net["reused"], net["dns_lookups"],
+             net["dns_cached"], st.in_flight)
+    warning = st.starved()
+    if warning:
+        log.warning(warning)
 
 
 def _already_complete(folder: Path, fingerprint: str, clip: ClipOptions | None, progress: bool,

@@ -33,13 +33,13 @@ from typing import Any, TypeVar
 from data_tools.dedup import image_phash
 from data_tools.download import Downloader, DownloadOptions, FetchResult
 from data_tools.filters import (
-    STORED_FORMATS,
     FilterOptions,
     ImageOptions,
     caption_problem,
+    encode_image,
     inspect_image,
     normalize_caption,
-    reencode_image,
+    resize_image,
 )
 from data_tools.sources import Pair
 
@@ -107,17 +107,53 @@ def _check_captions(pair: Pair, opts: FilterOptions) -> str | None:
     return reason
 
 
-def prefetch(records: Iterable[Pair], cfg: PrepareConfig, window: int = 0) -> Iterator[Pair]:
+MAX_READ_AHEAD = 8192
+"""Records downloaded ahead at most (x the mean image size in memory: ~1.2 GB at 150 kB)."""
+
+
+@dataclass
+class PrefetchStats:
+    """How the downloads fed the pipeline: read by the end-of-run summary and the warning
+    that the settings starve the workers."""
+
+    in_flight: int = 0
+    window: int = 0
+    started: float = field(default_factory=time.monotonic)
+    waited: float = 0.0
+    """Seconds the pipeline stood still waiting for the download at the head of the input
+    order (the workers run dry once their queued chunks are done)."""
+    net: dict[str, int] = field(default_factory=dict)
+
+    def starved(self, now: float | None = None) -> str | None:
+        """A one-line warning when downloads held the pipeline up for at least a quarter of
+        the run (and a second), naming the settings that fix it; else None."""
+        elapsed = (now or time.monotonic()) - self.started
+        if self.waited < 1.0 or self.waited < 0.25 * elapsed:
+            return None
+        return (f"downloads starved the pipeline: it waited {self.waited:.1f} s of {elapsed:.1f} s for images "
+                f"with {self.in_flight} requests in flight (--download-threads x --workers) and {self.window} "
+                f"records read ahead; raise --download-threads (it counts per worker process, like "
+                f"img2dataset's --thread_count) or lower --timeout")
+
+
+def prefetch(records: Iterable[Pair], cfg: PrepareConfig, in_flight: int = 0, window: int = 0,
+             stats: PrefetchStats | None = None) -> Iterator[Pair]:
     """Download the URL records ahead of the CPU stage, in the main process's threads.
 
-    Network waits are I/O (the GIL is released), so threads here keep ``threads`` requests
-    in flight regardless of how many CPU workers run, and a URL that hangs until the timeout
-    holds one thread, not a whole chunk of work. Output order is input order; at most
-    ``window`` (default 8 x threads) records are buffered. Records whose captions will be
-    dropped anyway are not downloaded. A failed fetch becomes the record's drop reason.
+    Network waits are I/O (the GIL is released), so ``in_flight`` threads here (default
+    ``download.threads``) keep that many requests going whatever the CPU workers do, and a
+    URL that hangs until the timeout holds one thread, not a chunk of work. Output order is
+    input order; ``window`` records (default 16 x in_flight, at most :data:`MAX_READ_AHEAD`)
+    are read ahead, so a URL that stalls until the timeout has usually finished failing
+    before it reaches the head.
+    Records whose captions will be dropped anyway are not downloaded. A failed fetch
+    becomes the record's drop reason. One :class:`Downloader` serves every thread: its
+    kept-alive connections and resolved host names are shared.
     """
-    threads = max(1, cfg.download.threads)
-    window = window or max(64, 8 * threads)
+    threads = max(1, in_flight or cfg.download.threads)
+    window = window or max(64, min(16 * threads, MAX_READ_AHEAD))
+    st = stats if stats is not None else PrefetchStats()
+    st.in_flight, st.window, st.started = threads, window, time.monotonic()
     dl = Downloader(cfg.download)
     pool = ThreadPoolExecutor(threads, thread_name_prefix="prefetch")
     pending: deque[tuple[Pair, Future[FetchResult] | None]] = deque()
@@ -132,7 +168,12 @@ def prefetch(records: Iterable[Pair], cfg: PrepareConfig, window: int = 0) -> It
 
     def finish(pair: Pair, fut: Future[FetchResult] | None) -> Pair:
         if fut is not None:
-            res = fut.result()
+            if not fut.done():
+                t0 = time.monotonic()
+                res = fut.result()
+                st.waited += time.monotonic() - t0
+            else:
+                res = fut.result()
             if res.reason is None:
                 pair.image_bytes = res.data
             else:
@@ -149,6 +190,8 @@ def prefetch(records: Iterable[Pair], cfg: PrepareConfig, window: int = 0) -> It
             yield finish(*pending.popleft())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        dl.close()
+        st.net = dl.stats.to_dict()
 
 
 def prepare_chunk(cfg: PrepareConfig, chunk: list[Pair]) -> list[Prepared]:
@@ -218,7 +261,12 @@ def rescue_chunk(fn: Callable[[list[Pair]], list[Prepared]], chunk: list[Pair],
 
 
 def _prepare_image(rec: Prepared, pair: Pair, data: bytes, cfg: PrepareConfig) -> None:
-    info, reason, img = inspect_image(data, cfg.filters)
+    """Header checks, one decode (at a reduced scale when the output allows), sha256 of the
+    original bytes, phash of the image as scaled for the output (before any crop or pad;
+    the original when nothing is scaled), then crop/pad and one JPEG encode if needed. The
+    image is left undecoded only with ``verify_decode`` off when the original bytes are
+    stored as they are (inspect_image decodes whenever pixels are needed)."""
+    info, reason, img = inspect_image(data, cfg.filters, cfg.images)
     if reason is not None or info is None:
         rec.reason = reason or "image_undecodable"
         return
@@ -229,9 +277,10 @@ def _prepare_image(rec: Prepared, pair: Pair, data: bytes, cfg: PrepareConfig) -
     stored, ext, width, height = data, info.format, info.width, info.height
     if img is not None:
         try:
+            scaled, geo = resize_image(img, info, cfg.images)
             if cfg.phash:
-                rec.phash = image_phash(img)
-            redone = reencode_image(img, info, cfg.images)
+                rec.phash = image_phash(scaled)
+            redone = encode_image(scaled, info, geo, cfg.images)
         except Exception:  # a decoder that loaded yet fails on convert(): treat as corrupt
             rec.reason = "image_undecodable"
             return
@@ -240,9 +289,6 @@ def _prepare_image(rec: Prepared, pair: Pair, data: bytes, cfg: PrepareConfig) -
             ext, width, height = new.format, new.width, new.height
             if (width, height) != (info.width, info.height):
                 meta["original_width"], meta["original_height"] = info.width, info.height
-    elif ext not in STORED_FORMATS:
-        rec.reason = "image_format_unsupported"  # needs a decode to convert; verify_decode is off
-        return
     rec.captions, rec.meta = pair.captions, meta
     rec.ext, rec.data, rec.width, rec.height = ext, stored, width, height
 

@@ -361,7 +361,7 @@ def test_resize_and_reencode(tmp_path: Path) -> None:
     (tmp_path / "anim.gif").write_bytes(gif.getvalue())
     write_jsonl(tmp_path / "t.jsonl", [{"file": n, "caption": caption(i)}
                                        for i, n in enumerate(["wide.jpg", "alpha.png", "anim.gif"])])
-    s = shard_pairs([tmp_path / "t.jsonl"], tmp_path / "ds", images=ImageOptions(max_side=40, jpeg_quality=80),
+    s = shard_pairs([tmp_path / "t.jsonl"], tmp_path / "ds", images=ImageOptions(resize_mode="keep_ratio_largest", image_size=40, jpeg_quality=80),
                     near_dup_distance=None, progress=False)
     assert s.written == 3
     wide, alpha, anim = samples(tmp_path / "ds")
