@@ -407,8 +407,8 @@ def render_local(a_res: list[dict[str, Any]], c: dict[str, Any] | None) -> str:
     parts = []
     if a_res:
         parts.append(f"**(a) shard-pairs, local COCO photos** ({a_res[0]['samples']} rows of 640-px JPEGs read "
-                     f"from disk: header checks, one decode, sha256, phash, tar write; dedup off so repeats "
-                     f"count)\n")
+                     f"from disk: header checks, one decode, sha256, tar write; dedup off (so no phash) so "
+                     f"repeats count)\n")
         parts.append("| workers | resize | samples/s | input MB/s |\n|---|---|---|---|")
         for r in a_res:
             mode = "no (original bytes)" if r["mode"] == "no" else f"{r['mode']} {r['size']}"
