@@ -18,6 +18,8 @@ data=data/coco_mini
 # Equal steps for every arm; the model compared is the last step's (no best-on-dev selection).
 sweep_common=(train.save_best=false eval.every_steps=0 eval.at_start=false eval.dev_task= eval.retrieval_every=false)
 noise_tasks="eval.final_tasks=[stsb_dev],eval.align_uniform=false"
+# The two scored halves of a dataset as two caption sources (equal weights: the halves are the same size).
+scored() { echo "data.sources.1.path=$data/scored_$1_f0,data.sources.2.kind=pairs,data.sources.2.path=$data/scored_$1_f1"; }
 
 case "${1:-}" in
   curve)
@@ -27,16 +29,22 @@ case "${1:-}" in
       $bin/webmcse-data corrupt $data/train --out $data/noisy_p${p/./} --p $p --seed 0 --shard-size 20 --overwrite
     done ;;
   bootstrap)
-    # A short run on each noisy copy (and on the clean data, to measure the defence's cost), then
-    # every caption scored by that run's own grounding heads; the best 60% are kept.
+    # Cross-fitted: each half of the (noisy) photos trains a short run whose grounding heads score
+    # the other half's captions, so no caption is scored by a model that memorised it; the best
+    # 60% of each half's captions are kept. Done on the clean data too, to measure the cost.
     for src in train noisy_p04; do
-      $launch trainer/run.py --config $cfg "${sweep_common[@]}" train.max_steps=50 eval.dev_task= \
-        eval.final_tasks=[] eval.retrieval_path= eval.retrieval_every=false eval.align_uniform=false \
-        tracking.backend=none \
-        data.sources.1.path=$data/$src train.run_name=coco_mini-bootstrap-$src train.resume=never \
-        train.output_dir=runs/bootstrap
-      $bin/webmcse-data score-pairs $data/$src --model runs/bootstrap/coco_mini-bootstrap-$src/final \
-        --out $data/scored_$src --top-fraction 0.6 --shard-size 20 --overwrite
+      $bin/webmcse-data split $data/$src --holdout 0.5 --seed 1 --train-out $data/${src}_f0 \
+        --heldout-out $data/${src}_f1 --shard-size 20 --overwrite
+      for f in 0 1; do
+        $launch trainer/run.py --config $cfg "${sweep_common[@]}" train.max_steps=50 eval.final_tasks=[] \
+          eval.retrieval_path= eval.align_uniform=false tracking.backend=none data.sources.1.path=$data/${src}_f$f \
+          train.run_name=coco_mini-bootstrap-${src}_f$f train.resume=never train.output_dir=runs/bootstrap
+      done
+      for f in 0 1; do
+        other=$(( 1 - f ))
+        $bin/webmcse-data score-pairs $data/${src}_f$f --model runs/bootstrap/coco_mini-bootstrap-${src}_f$other/final \
+          --out $data/scored_${src}_f$f --top-fraction 0.6 --shard-size 20 --overwrite
+      done
     done ;;
   sweep)
     $bin/python -m trainer.sweep --config $cfg --seeds 0,1,2 --name coco_mini \
@@ -49,8 +57,8 @@ case "${1:-}" in
       --arm noise60:data.sources.1.path=$data/noisy_p06,$noise_tasks \
       --arm robust0:loss.robust_drop=0.2,loss.robust_warmup_steps=30,$noise_tasks \
       --arm robust40:data.sources.1.path=$data/noisy_p04,loss.robust_drop=0.4,loss.robust_warmup_steps=30,$noise_tasks \
-      --arm scored0:data.sources.1.path=$data/scored_train,$noise_tasks \
-      --arm scored40:data.sources.1.path=$data/scored_noisy_p04,$noise_tasks \
+      --arm scored0:$(scored train),$noise_tasks \
+      --arm scored40:$(scored noisy_p04),$noise_tasks \
       --note "configs/coco_mini.yaml, last step of each run, 100 held-out photos." ;;
   *)
     sed -n '2,12p' "$0"; exit 2 ;;

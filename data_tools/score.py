@@ -79,33 +79,83 @@ class GroundingScorer:
         self.batch_size = batch_size
         self.name = f"webmcse:{model_dir}"
 
-    def score(self, items: list[tuple[np.ndarray, list[str]]]) -> list[list[float]]:
+    def images(self, feats: np.ndarray) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return self.model.grounding_image(torch.from_numpy(feats.astype(np.float32)).to(self.device))
+
+    def score(self, items: list[tuple[np.ndarray, list[str]]], against: Any = None,
+              owners_in_against: list[int] | None = None) -> list[list[float]]:
+        """Each caption's cosine to its own image; with ``against`` (reference image vectors),
+        minus its best cosine to any reference image other than its own (the margin)."""
         import torch
 
         caps = [c for _, cs in items for c in cs]
+        img = self.images(np.stack([f for f, _ in items]))
         with torch.inference_mode():
-            images = torch.from_numpy(np.stack([f for f, _ in items]).astype(np.float32)).to(self.device)
-            img = self.model.grounding_image(images)
             texts = []
             for i in range(0, len(caps), self.batch_size):
                 toks = self.tok(caps[i:i + self.batch_size], padding=True, truncation=True, max_length=77,
                                 return_tensors="pt")
                 texts.append(self.model.grounding_text({k: v.to(self.device) for k, v in toks.items()}))
             txt = torch.cat(texts)
-        owner = torch.tensor([i for i, (_, cs) in enumerate(items) for _ in cs], device=self.device)
-        sims = (txt * img[owner]).sum(-1).float().cpu().tolist()
+            owner = torch.tensor([i for i, (_, cs) in enumerate(items) for _ in cs], device=self.device)
+            sims = (txt * img[owner]).sum(-1)
+            if against is not None:
+                others = txt @ against.T  # captions x reference images
+                if owners_in_against is not None:  # an image is never its own competitor
+                    col = torch.tensor([owners_in_against[i] for i in owner.tolist()], device=self.device)
+                    has = col >= 0
+                    others[has.nonzero().squeeze(1), col[has]] = -float("inf")
+                sims = sims - others.max(1).values
+        flat = sims.float().cpu().tolist()
         out, k = [], 0
         for _, cs in items:
-            out.append(sims[k:k + len(cs)])
+            out.append(flat[k:k + len(cs)])
             k += len(cs)
         return out
 
 
+def _reference(shards: list[Path], against: int) -> tuple[list[str], np.ndarray]:
+    """The ``against`` images with the smallest sha256(key): a sample of the dataset that does
+    not depend on its order."""
+    import hashlib
+    import heapq
+
+    heap: list[tuple[str, str, bytes]] = []
+    for sample in samples(shards):
+        if "emb.npy" not in sample:
+            continue
+        item = (hashlib.sha256(sample["__key__"].encode()).hexdigest(), sample["__key__"], sample["emb.npy"])
+        if len(heap) < against:
+            heapq.heappush(heap, (_neg(item[0]), item[1], item[2]))
+        elif _neg(item[0]) > heap[0][0]:
+            heapq.heapreplace(heap, (_neg(item[0]), item[1], item[2]))
+    chosen = sorted(heap, key=lambda x: x[1])
+    feats = [np.load(io.BytesIO(raw), allow_pickle=False).reshape(-1) for _, _, raw in chosen]
+    return [key for _, key, _ in chosen], np.stack(feats)
+
+
+def _neg(hexdigest: str) -> str:
+    """A string that sorts in the reverse order of a hex digest (for a max-heap of the smallest)."""
+    return hexdigest.translate(str.maketrans("0123456789abcdef", "fedcba9876543210"))
+
+
 def score_pairs(dataset: str | Path, out: str | Path, model_dir: str | Path, *, top_fraction: float | None = None,
-                threshold: float | None = None, device: str = "cpu", batch_size: int = 128, shard_size: int = 1000,
-                overwrite: bool = False, progress: bool = True) -> ScoreSummary:
+                threshold: float | None = None, score: str = "margin", against: int = 4096, device: str = "cpu",
+                batch_size: int = 128, shard_size: int = 1000, overwrite: bool = False,
+                progress: bool = True) -> ScoreSummary:
     """Score every caption with ``model_dir``'s grounding heads and write ``out`` with the
-    captions at or above the threshold (or the best ``top_fraction`` of all captions)."""
+    captions at or above the threshold (or the best ``top_fraction`` of all captions).
+
+    ``score="cosine"``: cosine(caption, its image). ``score="margin"`` (default): that cosine
+    minus the caption's best cosine to any of ``against`` reference images of the dataset (its
+    own excluded). A caption that fits another photo better (a swap, a similar photo's caption)
+    or fits no photo in particular (generic text) gets a low margin whatever its raw cosine, and
+    the raw cosine's spread between captions (short, long, common words) cancels out."""
+    if score not in ("cosine", "margin"):
+        raise DatasetError(f"--score {score}: choose cosine or margin")
     if (top_fraction is None) == (threshold is None):
         raise DatasetError("score-pairs: give exactly one of --top-fraction or --threshold")
     if top_fraction is not None and not 0 < top_fraction <= 1:
@@ -114,11 +164,28 @@ def score_pairs(dataset: str | Path, out: str | Path, model_dir: str | Path, *, 
     manifest, shards = open_pairs(src, "score-pairs")
     prepare_output(src, dst, overwrite)
     scorer = GroundingScorer(model_dir, device=device, batch_size=batch_size)
+    ref_vecs, ref_index = None, {}
+    if score == "margin":
+        ref_keys, ref_feats = _reference(shards, against)
+        if ref_feats.shape[1] != scorer.model.image_dim:
+            raise DatasetError(f"{src}: features of {ref_feats.shape[1]} dims, the model's image head takes "
+                               f"{scorer.model.image_dim}; embed with the encoder the model was trained on")
+        ref_vecs = scorer.images(ref_feats)
+        ref_index = {k: i for i, k in enumerate(ref_keys)}
 
     # Pass 1: a score for every caption (features and captions only; images are never decoded).
     scores: list[list[float]] = []
     labels: list[str] = []
     pending: list[tuple[np.ndarray, list[str]]] = []
+    pending_keys: list[str] = []
+
+    def flush() -> None:
+        owners = [ref_index.get(k, -1) for k in pending_keys] if ref_vecs is not None else None
+        scores.extend(scorer.score(pending, ref_vecs, owners))
+        bar.update(len(pending))
+        pending.clear()
+        pending_keys.clear()
+
     bar = tqdm(total=int(manifest.get("n_samples", 0)), desc="score-pairs", unit=" image", disable=not progress)
     for sample in samples(shards):
         meta, caps = captions_of(sample)
@@ -132,13 +199,11 @@ def score_pairs(dataset: str | Path, out: str | Path, model_dir: str | Path, *, 
         noise = meta.get("noise")
         labels += noise if isinstance(noise, list) and len(noise) == len(caps) else ["unknown"] * len(caps)
         pending.append((feat, caps))
+        pending_keys.append(sample["__key__"])
         if len(pending) >= batch_size:
-            scores += scorer.score(pending)
-            bar.update(len(pending))
-            pending = []
+            flush()
     if pending:
-        scores += scorer.score(pending)
-        bar.update(len(pending))
+        flush()
     bar.close()
     flat = np.asarray([x for row in scores for x in row], dtype=np.float64)
     if flat.size == 0:
@@ -177,7 +242,8 @@ def score_pairs(dataset: str | Path, out: str | Path, model_dir: str | Path, *, 
     flagged = [not kp for kp in keep_flags]
     detection = detection_report(flagged, labels) if "unknown" not in labels else {}
     info = derived_manifest(manifest, src, "score_filter", {
-        "scorer": scorer.name, "threshold": threshold, "top_fraction": top_fraction, "captions": int(flat.size),
+        "scorer": scorer.name, "score": score, "against": against if score == "margin" else None,
+        "threshold": threshold, "top_fraction": top_fraction, "captions": int(flat.size),
         "kept": int(sum(keep_flags)), "images_dropped": dropped_samples, "detection": detection})
     info["shards"] = shard_dicts(writer.close())
     write_manifest(dst, info)
@@ -194,6 +260,9 @@ def add_parser(sub: Any) -> None:
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--top-fraction", type=float, help="keep this fraction of all captions, best first")
     g.add_argument("--threshold", type=float, help="keep captions scoring at least this cosine")
+    sp.add_argument("--score", choices=["margin", "cosine"], default="margin",
+                    help="margin: cosine to its image minus the best cosine to another image (default); cosine")
+    sp.add_argument("--against", type=int, default=4096, help="reference images for the margin")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--batch-size", type=int, default=128)
     sp.add_argument("--shard-size", type=int, default=1000)
@@ -202,5 +271,5 @@ def add_parser(sub: Any) -> None:
 
 def run(args: Any) -> ScoreSummary:
     return score_pairs(args.dataset, args.out, args.model, top_fraction=args.top_fraction, threshold=args.threshold,
-                       device=args.device, batch_size=args.batch_size, shard_size=args.shard_size,
-                       overwrite=args.overwrite)
+                       score=args.score, against=args.against, device=args.device, batch_size=args.batch_size,
+                       shard_size=args.shard_size, overwrite=args.overwrite)

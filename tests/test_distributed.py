@@ -21,10 +21,13 @@ from trainer.loss import mcse_loss
 from .conftest import ROOT, make_tiny_bert
 from .dist_worker import IMAGE_DIM, global_batch, scenario_config
 
-WORLD2 = ["ddp", "ddp+text", "ddp+cache+tau", "ddp+cache+sym+clip", "ddp+adamw20",
-          "zero1", "zero2", "zero3+fp32", "zero2+cache+tau", "zero3+cache+tau+fp32", "zero2+text",
-          "zero1+adamw20", "ddp+robust", "ddp+cache+robust+sym"]
-WORLD4 = ["ddp", "ddp+cache+tau+text", "zero2+cache+tau", "ddp+robust"]
+# Every DDP scenario runs before the first DeepSpeed one: an engine built by DeepSpeed leaves
+# process-wide state behind after which float64 steps agree with one process only to ~1e-7
+# (measured: plain DDP right after ZeRO-1), and the DDP scenarios are checked to float64 rounding.
+WORLD2 = ["ddp", "ddp+text", "ddp+cache+tau", "ddp+cache+sym+clip", "ddp+adamw20", "ddp+robust",
+          "ddp+cache+robust+sym", "zero1", "zero2", "zero3+fp32", "zero2+cache+tau", "zero3+cache+tau+fp32",
+          "zero2+text", "zero1+adamw20"]
+WORLD4 = ["ddp", "ddp+cache+tau+text", "ddp+robust", "zero2+cache+tau"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,7 @@ def check(report: dict) -> None:
     update, err = report["update"], report["max_abs_err"]
     assert update > 0
     if report["scenario"].startswith("ddp"):
-        assert err <= 1e-9 * update, report
+        assert err <= 1e-9 * update, {k: v for k, v in report.items() if k not in ("keeps", "ref_keeps")}
     elif "adamw20" in report["scenario"]:
         # 20 AdamW steps: float32 rounding of the master weights, amplified by Adam's
         # normalisation of small gradients (SGD scenarios check the gradient scale exactly).
