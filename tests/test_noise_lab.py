@@ -202,3 +202,34 @@ def test_score_pairs_keeps_the_best_captions_with_their_ground_truth(pairs: Path
     man = load_manifest(tmp_path / "kept")["score_filter"]
     assert man["kept"] == summary.kept and set(man["detection"]) == {"all", "swap", "generic", "near"}
     assert man["detection"]["all"]["noisy"] == round(0.4 * total)
+
+
+def test_margin_scores_are_own_cosine_minus_the_best_other_image(pairs: Path, tmp_path: Path,
+                                                                 tiny_bert: Path) -> None:
+    """Every stored score equals cos(caption, own image) - max over the other images (all 24
+    are the reference set here), computed here from the model's two grounding encoders."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from data_tools.score import score_pairs
+    from trainer.model import MCSEModel
+
+    torch.manual_seed(1)
+    model = MCSEModel.from_pretrained_encoder(str(tiny_bert), image_dim=DIM, proj_dim=8).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert))
+    model.save_pretrained(tmp_path / "model", tokenizer=tok)
+    score_pairs(pairs, tmp_path / "kept", tmp_path / "model", top_fraction=1.0, progress=False)
+    src = samples(pairs)
+    keys = sorted(src)
+    feats = torch.stack([torch.from_numpy(np.load(io.BytesIO(src[k]["emb.npy"])).astype(np.float32)) for k in keys])
+    with torch.no_grad():
+        img = model.grounding_image(feats)
+        for i, key in enumerate(keys):
+            caps = json.loads(src[key]["json"])["captions"]
+            txt = model.grounding_text(dict(tok(caps, padding=True, return_tensors="pt")))
+            sims = txt @ img.T
+            own = sims[:, i].clone()
+            sims[:, i] = -float("inf")
+            want = (own - sims.max(1).values).tolist()
+            got = json.loads(samples(tmp_path / "kept")[key]["json"])["caption_scores"]
+            assert got == pytest.approx(want, abs=2e-5), key
