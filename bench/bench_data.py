@@ -17,6 +17,8 @@
     user+sys of the whole process tree (``wait4`` on the command: every worker it waited for).
 (c) ``embed`` (read shard, decode, preprocess, forward, write) vs the encoder's forward pass
     alone on random tensors, same batch size and device.
+(d) The image work of (b) stage by stage, CPU-ms per photo: our header checks + decode, resize,
+    phash, encode, sha256, and img2dataset's Resizer (decode + resize + encode) on the same photos.
 
     flock /tmp/webmcse-heavy.lock python bench/bench_data.py [--urls 2000,20000] [--repeats 3]
         [--workers 2] [--threads 32] [--image-size 256] [--skip a,c] [--no-write]
@@ -85,7 +87,7 @@ def bench_shard(tmp: Path, n_images: int, workers: int, size: int) -> list[dict[
                         allow_outside_paths=True, group_by_image=False, progress=False)
         dt = time.perf_counter() - t0
         results.append({"workers": w, "mode": mode, "size": size, "samples": s.written, "seconds": dt,
-                        "rate": s.written / dt, "mb_s": mb / dt})
+                        "rate": s.written / dt, "mb_s": mb / dt, "load1": os.getloadavg()[0]})
         shutil.rmtree(out)
     return results
 
@@ -361,6 +363,93 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+# --- (d) image work per sample, stage by stage ----------------------------------------------------
+
+_I2D_STAGES = """
+import glob, hashlib, io, json, sys, time
+import cv2, numpy as np
+from img2dataset.resizer import Resizer
+files, size, quality = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+datas = [open(f, "rb").read() for f in files]
+cv2.setNumThreads(1)
+r = Resizer(size, "keep_ratio", True, encode_quality=quality)
+def t(fn):
+    best = []
+    for _ in range(3):
+        t0 = time.process_time()
+        for d in datas:
+            fn(d)
+        best.append((time.process_time() - t0) / len(datas) * 1000)
+    return sorted(best)[1]
+out = {"decode (cv2.imdecode)": t(lambda d: cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_UNCHANGED)),
+       "decode + resize + encode (its Resizer)": t(lambda d: r(io.BytesIO(d))),
+       "sha256 of the download": t(lambda d: hashlib.sha256(d).hexdigest())}
+print(json.dumps(out))
+"""
+
+
+def bench_stages(a: argparse.Namespace, n: int, i2d: str | None) -> dict[str, Any]:
+    """CPU-ms per photo of each image stage, ours in this process and img2dataset's Resizer in
+    its venv, on the same photos of the benchmark's set (median of 3 passes)."""
+    import hashlib
+
+    from data_tools.dedup import image_phash
+    from data_tools.filters import FilterOptions, ImageOptions, encode_image, inspect_image, resize_image
+
+    folder = photo_set(n, Path(a.cache))
+    files = [str(folder / f"{i:06d}.jpg") for i in range(n)]
+    datas = [Path(f).read_bytes() for f in files]
+    opts = ImageOptions(resize_mode="keep_ratio", image_size=a.image_size, jpeg_quality=a.quality)
+    filt = FilterOptions()
+
+    def t(fn: Any, items: list[Any]) -> float:
+        runs = []
+        for _ in range(3):
+            t0 = time.process_time()
+            for x in items:
+                fn(x)
+            runs.append((time.process_time() - t0) / len(items) * 1000)
+        return sorted(runs)[1]
+
+    decoded = [inspect_image(d, filt, opts) for d in datas]
+    scaled = [resize_image(img, info, opts) for info, _, img in decoded]  # type: ignore[arg-type]
+    ours = {
+        "header checks + decode (Pillow)": t(lambda d: inspect_image(d, filt, opts), datas),
+        "resize (Pillow BOX)": t(lambda x: resize_image(x[2], x[0], opts), decoded),
+        "phash (of the resized image)": t(lambda x: image_phash(x[0]), scaled),
+        "encode (Pillow JPEG)": t(lambda x: encode_image(x[0], decoded[0][0], x[1], opts), scaled),
+        "sha256 of the download": t(lambda d: hashlib.sha256(d).hexdigest(), datas),
+    }
+    res: dict[str, Any] = {"photos": n, "ours": ours, "i2d": None}
+    if i2d:
+        pyexe = str(Path(i2d).with_name("python"))
+        proc = subprocess.run([pyexe, "-c", _I2D_STAGES, json.dumps(files), str(a.image_size), str(a.quality)],
+                              capture_output=True, text=True,
+                              env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": ""})
+        if proc.returncode == 0:
+            res["i2d"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return res
+
+
+def render_stages(d: dict[str, Any], a: argparse.Namespace) -> str:
+    ours, i2d = d["ours"], d["i2d"]
+    p = [f"CPU-ms per photo, one process, the first {d['photos']} photos of the URL benchmark's set, resize "
+         f"`keep_ratio` {a.image_size}, JPEG quality {a.quality}; median of 3 passes.\n",
+         "| stage | webmcse-data | img2dataset |", "|---|---|---|"]
+    for k, v in ours.items():
+        p.append(f"| {k} | {v:.2f} | |")
+    p.append(f"| **image work in all** | **{sum(ours.values()):.2f}** | |")
+    if i2d:
+        for k, v in i2d.items():
+            p.append(f"| {k} | | {v:.2f} |")
+        total = i2d["decode + resize + encode (its Resizer)"] + i2d["sha256 of the download"]
+        p.append(f"| **image work in all** | | **{total:.2f}** |")
+        p.append(f"\nOur image work costs {sum(ours.values()) / total:.2f}x img2dataset's per photo (the phash "
+                 f"included, which img2dataset does not compute). The rest of each tool's CPU per saved sample "
+                 f"(previous section) is the HTTP client, moving bytes between processes, writing, and start-up.")
+    return "\n".join(p)
+
+
 # --- (c) embedding ----------------------------------------------------------------------------
 
 
@@ -413,7 +502,10 @@ def render_local(a_res: list[dict[str, Any]], c: dict[str, Any] | None) -> str:
         for r in a_res:
             mode = "no (original bytes)" if r["mode"] == "no" else f"{r['mode']} {r['size']}"
             parts.append(f"| {r['workers']} | {mode} | {r['rate']:.0f} | {r['mb_s']:.1f} |")
-        parts.append("\nThe downloader's comparison with img2dataset is in the next section.")
+        parts.append(f"\nOther work shared this 2-core machine (1-min load average "
+                     f"{min(r['load1'] for r in a_res):.1f}-{max(r['load1'] for r in a_res):.1f} after the runs), "
+                     f"so these are lower bounds. The downloader's comparison with img2dataset is in the next "
+                     f"section.")
     if c:
         parts.append(f"\n**(c) embed vs forward only** (EfficientNet-Lite0, {c['images']} images, batch {c['batch']}, "
                      f"{c['device']}, {c['threads']} torch threads)\n")
@@ -509,7 +601,8 @@ def main() -> None:
     p.add_argument("--embed-images", type=int, default=256)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c")
+    p.add_argument("--stage-photos", type=int, default=200, help="photos for (d), the per-stage costs")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c,d")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     a = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -529,6 +622,9 @@ def main() -> None:
         if b_res:
             print(render_download(b_res, a, i2d_version), flush=True)
         c = bench_embed(tmp, a.embed_images, a.device, a.batch) if "c" not in skip else None
+        d = bench_stages(a, a.stage_photos, i2d) if "d" not in skip else None
+        if d:
+            print(render_stages(d, a), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     cmd = "flock /tmp/webmcse-heavy.lock python bench/bench_data.py " + " ".join(sys.argv[1:])
@@ -537,6 +633,9 @@ def main() -> None:
         print(body)
         if not a.no_write:
             write_section("data", "Data pipeline: sharding local photos, embedding", body, cmd.strip())
+    if d and not a.no_write:
+        write_section("data-stages", "Image work per sample, stage by stage (ours vs img2dataset)",
+                      render_stages(d, a), cmd.strip())
     if b_res:
         body = render_download(b_res, a, i2d_version)
         if not a.no_write:
