@@ -14,6 +14,11 @@ back-propagated with its slice of the embedding gradient. Three details make it 
 
 Gradient synchronisation happens once per step: Accelerate's ``accumulate`` keeps DDP in
 ``no_sync`` and DeepSpeed off its accumulation boundary until the last chunk.
+
+Host syncs: a step reads one value back from the device, the agreement on whether its loss
+and gradient norm are finite (under DeepSpeed, whose update runs inside the backward, on the
+loss before the backward). The loss terms and the gradient norm stay on the device as
+detached scalars; the loop reads them once per logging window.
 """
 
 from __future__ import annotations
@@ -30,20 +35,34 @@ from trainer.loss import mcse_loss
 
 @dataclass
 class StepResult:
-    losses: dict[str, float]
-    grad_norm: float | None
+    terms: dict[str, torch.Tensor | float]
+    """The step's loss terms (and robust-loss fractions) as detached scalars where they were
+    computed: reading a device tensor is a host sync, so the loop sums them on the device and
+    reads them once per logging window."""
+    grad_norm_t: torch.Tensor | None
+    """Gradient norm before clipping (None when the update was skipped)."""
     skipped: bool = False
     """True when some rank saw a non-finite loss or gradient and every rank skipped the update."""
+
+    @property
+    def losses(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.terms.items()}
+
+    @property
+    def grad_norm(self) -> float | None:
+        return float(self.grad_norm_t) if self.grad_norm_t is not None else None
 
 
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient with train.nonfinite=stop (raised on every rank together)."""
 
 
-def _agreed_bad(value: torch.Tensor | float, device: Any) -> bool:
-    """True on every rank if the value is non-finite on any rank."""
-    finite = bool(torch.isfinite(torch.as_tensor(value)).all())
-    return dist.all_reduce_max(0.0 if finite else 1.0, device) > 0
+def _agreed_bad(*values: torch.Tensor | float | None, device: Any) -> bool:
+    """True on every rank if any of the values is non-finite on any rank. The one host sync
+    of a step: the flags are combined on the device and read back once."""
+    flags = [~torch.isfinite(torch.as_tensor(v)).all() for v in values if v is not None]
+    bad = bool(torch.stack(flags).any()) if flags else False
+    return dist.all_reduce_max(1.0 if bad else 0.0, device) > 0
 
 
 def _loss_kwargs(cfg: Config, offset: int, step: int) -> dict[str, Any]:
@@ -53,11 +72,13 @@ def _loss_kwargs(cfg: Config, offset: int, step: int) -> dict[str, Any]:
             "symmetric": lo.symmetric, "gather": dist.all_gather_with_grad, "offset": offset, "robust_drop": drop}
 
 
-def _values(losses: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], device: Any) -> dict[str, float]:
-    """The loss terms as floats for logging, plus what the robust loss dropped: the global
-    fraction, and where the data carries the noise lab's ground truth, the share of the
-    dropped pairs that were really corrupted (two small all-reduces, robust steps only)."""
-    values = {k: float(v.detach()) for k, v in losses.items() if not k.startswith("_")}
+def _terms(losses: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], device: Any
+           ) -> dict[str, torch.Tensor | float]:
+    """The loss terms for logging, detached and left on the device, plus what the robust loss
+    dropped: the global fraction, and where the data carries the noise lab's ground truth, the
+    share of the dropped pairs that were really corrupted (two small all-reduces, robust steps
+    only)."""
+    values: dict[str, torch.Tensor | float] = {k: v.detach() for k, v in losses.items() if not k.startswith("_")}
     keep = losses.get("_keep")
     if keep is not None:
         dropped = ~keep.detach()
@@ -96,26 +117,35 @@ def forward_backward(model: Any, batch: dict[str, torch.Tensor], cfg: Config,
                      accelerator: Any, step: int = 0) -> tuple[dict[str, float], bool]:
     """Loss terms of this rank's batch, and whether the backward ran; gradients are left in
     the parameters. A non-finite loss on any rank means no rank runs the backward."""
+    terms, ran = _forward_backward(model, batch, cfg, accelerator, step, loss_gate=True)
+    return {k: float(v) for k, v in terms.items()}, ran
+
+
+def _forward_backward(model: Any, batch: dict[str, torch.Tensor], cfg: Config, accelerator: Any, step: int,
+                      loss_gate: bool) -> tuple[dict[str, torch.Tensor | float], bool]:
+    """forward_backward with the terms left on the device. ``loss_gate``: agree on a finite
+    loss before the backward (a host sync; needed where the backward also updates, DeepSpeed);
+    without it the backward always runs and the caller agrees once, after clipping."""
     B = batch["input_ids"].shape[0]
     kwargs = _loss_kwargs(cfg, offset=accelerator.process_index * B, step=step)
     chunk = chunk_size(B, cfg.data.max_device_batch)
     if chunk >= B:
         with accelerator.autocast():
             losses = mcse_loss(model(_model_inputs(batch)), **kwargs)
-        values = _values(losses, batch, accelerator.device)
-        if _agreed_bad(values["loss"], accelerator.device):
+        values = _terms(losses, batch, accelerator.device)
+        if loss_gate and _agreed_bad(values["loss"], device=accelerator.device):
             return values, False
         accelerator.backward(losses["loss"])
         return values, True
-    return _cached_forward_backward(model, batch, chunk, kwargs, accelerator)
+    return _cached_forward_backward(model, batch, chunk, kwargs, accelerator, loss_gate)
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "noisy"}
 
 
-def _cached_forward_backward(model: Any, batch: dict[str, torch.Tensor], chunk: int,
-                             loss_kwargs: dict[str, Any], accelerator: Any) -> tuple[dict[str, float], bool]:
+def _cached_forward_backward(model: Any, batch: dict[str, torch.Tensor], chunk: int, loss_kwargs: dict[str, Any],
+                             accelerator: Any, loss_gate: bool) -> tuple[dict[str, torch.Tensor | float], bool]:
     device = batch["input_ids"].device
     parts = _chunks(_model_inputs(batch), chunk)
     K = len(parts)
@@ -139,8 +169,8 @@ def _cached_forward_backward(model: Any, batch: dict[str, torch.Tensor], chunk: 
     # The loss over the full global batch, differentiated w.r.t. the cached embeddings only.
     with accelerator.autocast():
         losses = mcse_loss(outs[0].with_tensors(leaves), **loss_kwargs)
-    values = _values(losses, batch, device)
-    if _agreed_bad(values["loss"], device):
+    values = _terms(losses, batch, device)
+    if loss_gate and _agreed_bad(values["loss"], device=device):
         _set_rng_state(resume_state, device)
         return values, False
     losses["loss"].backward()
@@ -170,27 +200,29 @@ def train_step(model: Any, optimizer: Any, scheduler: Any, batch: dict[str, torc
                accelerator: Any, step: int = 0) -> StepResult:
     """forward_backward, then clip, update, schedule and zero the gradients.
 
-    Non-finite values are agreed across ranks before anything is applied: the loss before the
-    backward (all engines), the gradient norm before the optimizer step (plain and DDP; under
-    DeepSpeed the update happens inside its backward, so only the loss check applies there).
+    Non-finite values are agreed across ranks before anything is applied, in one host sync:
+    plain and DDP runs always run the backward and agree on the loss and the gradient norm
+    together before the optimizer step (a non-finite loss gives a non-finite norm anyway; the
+    wasted backward happens only on bad steps); under DeepSpeed the update happens inside its
+    backward, so the loss is agreed before the backward and only that check applies there.
     With train.nonfinite=skip every rank then skips the update; with stop every rank raises.
     """
-    losses, ran = forward_backward(model, batch, cfg, accelerator, step)
-    grad_norm = None
     deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+    terms, ran = _forward_backward(model, batch, cfg, accelerator, step, loss_gate=deepspeed)
+    norm_t = None
     if ran:
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         norm = accelerator.clip_grad_norm_(model.parameters(), clip)
-        grad_norm = float(norm) if norm is not None else None
-        if not deepspeed and grad_norm is not None and _agreed_bad(grad_norm, accelerator.device):
+        norm_t = torch.as_tensor(norm).detach() if norm is not None else None
+        if not deepspeed and _agreed_bad(terms["loss"], norm_t, device=accelerator.device):
             ran = False
     if not ran and cfg.train.nonfinite == "stop":
-        raise NonFiniteError(f"non-finite loss or gradient (loss {losses.get('loss')}, gradient norm "
-                             f"{grad_norm}) on at least one rank; stopping before the optimizer step "
-                             f"(train.nonfinite=stop)")
+        raise NonFiniteError(f"non-finite loss or gradient (loss {float(terms['loss'])}, gradient norm "
+                             f"{float(norm_t) if norm_t is not None else None}) on at least one rank; stopping "
+                             f"before the optimizer step (train.nonfinite=stop)")
     if ran:
         optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(losses, grad_norm if ran else None, skipped=not ran)
+    return StepResult(terms, norm_t if ran else None, skipped=not ran)

@@ -102,6 +102,15 @@ def default_run_name(cfg: Config) -> str:
     return f"{model}-{kinds}-b{cfg.data.global_batch_size}-lr{effective_lr(cfg):g}-{stamp}"
 
 
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on the training device without waiting for it: a copy from pageable host
+    memory first drains the device's queue (the previous step's kernels); from page-locked
+    memory a non_blocking copy is queued behind them instead."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def dropout_seed(seed: int, rank: int, step: int) -> int:
     """The seed of one rank's dropout masks at one step (64-bit, well mixed)."""
     digest = hashlib.blake2b(f"dropout:{seed}:{rank}:{step}".encode(), digest_size=8).digest()
@@ -109,19 +118,21 @@ def dropout_seed(seed: int, rank: int, step: int) -> int:
 
 
 class _Averager:
-    """Means of step metrics between two log points."""
+    """Means of step metrics between two log points. Device scalars are summed where they are
+    (an asynchronous add) and read back once, at the log point: reading one per step would
+    stall the host on the device every step."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
 
-    def add(self, values: dict[str, float]) -> None:
+    def add(self, values: dict[str, Any]) -> None:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
             self.counts[k] = self.counts.get(k, 0) + 1
 
     def pop(self) -> dict[str, float]:
-        out = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        out = {k: float(self.sums[k]) / self.counts[k] for k in self.sums}
         self.sums, self.counts = {}, {}
         return out
 
@@ -273,8 +284,10 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
     avg = _Averager()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit=" step", disable=not is_main,
                dynamic_ncols=True)
+    # A logging window's samples/s and data-wait fraction cover training only: evaluation and
+    # checkpoints between its steps are paused out of it (they are timed on their own).
     t_log = time.perf_counter()
-    wait_acc, steps_since_log = 0.0, 0
+    wait_acc, pause_acc, steps_since_log = 0.0, 0.0, 0
     model.train()
     preempted = False
     try:
@@ -283,7 +296,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
             source = schedule.source_at(state.step)
             batch = streams.next(source.name)
             keys = batch.pop("keys")
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+            batch = _to_device(batch, accelerator.device)
             wait_acc += time.perf_counter() - t0
 
             # Dropout masks come from a stream of their own per (seed, rank, step): ranks never
@@ -300,14 +313,14 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
             state.caption_steps += int(source.kind == "pairs")
             state.skipped_steps += int(result.skipped)
             steps_since_log += 1
-            step_metrics = dict(result.losses)
-            if result.grad_norm is not None:
-                step_metrics["grad_norm"] = result.grad_norm
+            step_metrics = dict(result.terms)
+            if result.grad_norm_t is not None:
+                step_metrics["grad_norm"] = result.grad_norm_t
             avg.add(step_metrics)
             bar.update(1)
 
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
-                elapsed = time.perf_counter() - t_log
+                elapsed = time.perf_counter() - t_log - pause_acc
                 metrics = avg.pop()
                 metrics.update({
                     "lr": scheduler.get_last_lr()[0],
@@ -325,8 +338,9 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
                 state.loss_curve.append([state.step, metrics.get("loss", float("nan")),
                                          metrics.get("loss_mm", float("nan"))])
                 bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", refresh=False)
-                t_log, wait_acc, steps_since_log = time.perf_counter(), 0.0, 0
+                t_log, wait_acc, pause_acc, steps_since_log = time.perf_counter(), 0.0, 0.0, 0
 
+            t_pause = time.perf_counter()
             if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < total_steps:
                 evaluator.dev(model, state, state.step)
             # The last step is checkpointed too: the finished run can be exported from it with
@@ -334,6 +348,7 @@ def train(cfg: Config, accelerator: Any) -> dict[str, Any]:
             if cfg.train.checkpoint_every and (state.step % cfg.train.checkpoint_every == 0
                                                or state.step == total_steps):
                 checkpoint()
+            pause_acc += time.perf_counter() - t_pause
             if state.step < total_steps and stop.agreed(state.step, accelerator.device):
                 log.warning("stop requested (%s): checkpointing at step %d and exiting", stop.reason, state.step)
                 checkpoint()
