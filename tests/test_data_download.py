@@ -2,7 +2,8 @@
 no enlarging unless asked, one decode (reduced in the DCT domain when the output allows),
 kept-alive connections counted at a local server, cached host lookups, requests in flight =
 workers x threads, the warning when downloads starve the pipeline, a phash that equals
-imagehash's bit for bit, and a shard-pairs process that never imports torch."""
+imagehash's bit for bit, a shard-pairs process that never imports torch, and shard tars that
+are the standard library's bytes."""
 
 from __future__ import annotations
 
@@ -352,3 +353,33 @@ def test_shard_pairs_never_imports_torch_or_the_trainer(tmp_path: Path) -> None:
     assert "data_tools.commands" in modules and "PIL.Image" in modules  # the check sees real imports
     assert not {m for m in modules if m.split(".")[0] in ("torch", "trainer", "webdataset", "scipy")}
     assert json.loads(samples(tmp_path / "ds")[0]["json"])["width"] == 43  # 64 x 32/48
+
+
+def test_shard_tars_are_the_standard_librarys_bytes_and_read_back(tmp_path: Path) -> None:
+    import tarfile
+
+    from data_tools import shards
+
+    samples = [{"__key__": f"k{i:05d}" + ("é" if i == 3 else "") + ("x" * 120 if i == 4 else ""),
+                "jpg": bytes([i]) * (1000 + 37 * i), "txt": f"caption {i}".encode(), "json": b"{}"}
+               for i in range(20)]
+    want = io.BytesIO()
+    with tarfile.open(fileobj=want, mode="w|") as tf:  # what the standard library writes for these members
+        for s in samples:
+            for ext in ("jpg", "json", "txt"):
+                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(s[ext]), 0, 0o444, "bigdata", "bigdata"
+                tf.addfile(info, io.BytesIO(s[ext]))
+    got = io.BytesIO()
+    writer = shards._TarWriter(got, mtime=0.0)
+    for s in samples:
+        writer.write(s)
+    writer.close()
+    assert got.getvalue() == want.getvalue()
+    w = shards.ShardWriter(tmp_path, max_count=8)
+    for s in samples:
+        w.write(dict(s))
+    names = [i.name for i in w.close()]
+    back = [x for n in names for x in read_shard(tmp_path / n)]
+    assert [x["__key__"] for x in back] == [s["__key__"] for s in samples]
+    assert all(x["jpg"] == s["jpg"] and x["txt"] == s["txt"] for x, s in zip(back, samples, strict=True))
