@@ -55,7 +55,7 @@ case "${1:-}" in
       --arm noise20:data.sources.1.path=$data/noisy_p02,$noise_tasks \
       --arm noise40:data.sources.1.path=$data/noisy_p04,$noise_tasks \
       --arm noise60:data.sources.1.path=$data/noisy_p06,$noise_tasks \
-      --arm robust0:loss.robust_drop=0.2,loss.robust_warmup_steps=30,$noise_tasks \
+      --arm robust0:loss.robust_drop=0.4,loss.robust_warmup_steps=30,$noise_tasks \
       --arm robust40:data.sources.1.path=$data/noisy_p04,loss.robust_drop=0.4,loss.robust_warmup_steps=30,$noise_tasks \
       --arm scored0:$(scored train),$noise_tasks \
       --arm scored40:$(scored noisy_p04),$noise_tasks \
