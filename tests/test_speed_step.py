@@ -212,9 +212,21 @@ def test_unsupported_encoders_are_left_padded(tiny_bert: Path) -> None:
     assert not engine.packable(torch.nn.Linear(2, 2))
 
 
-def test_gradient_checkpointing_keeps_the_padded_forward(tiny_bert: Path, fresh_accelerator) -> None:
-    _, _, model = setup(tiny_bert, "train.grad_checkpointing=true")
-    assert getattr(model.encoder, "_webmcse_padded_forward", None) is None
+def test_gradient_checkpointing_recomputes_the_packed_layers(tiny_bert: Path, fresh_accelerator) -> None:
+    """With checkpointing the packed forward keeps no layer activations: every layer runs again
+    in the backward pass (and, tests/test_distributed.py, gives the same gradients)."""
+    batch = text_batch(AutoTokenizer.from_pretrained(tiny_bert))
+    for flag, runs_per_layer in (("false", 1), ("true", 2)):
+        _, _, model = setup(tiny_bert, f"train.grad_checkpointing={flag}")
+        assert model.encoder._webmcse_padded_forward is not None
+        calls: list[int] = []
+        for i, layer in enumerate(model.encoder.encoder.layer):
+            layer.intermediate.register_forward_hook(lambda *_, i=i, calls=calls: calls.append(i))
+        model.train()
+        out = model(batch)
+        out.sim_views[0].sum().backward()
+        layers = len(model.encoder.encoder.layer)
+        assert sorted(calls) == sorted(list(range(layers)) * runs_per_layer), flag  # both views in one forward
 
 
 # ---------------------------------------------------------------- host syncs

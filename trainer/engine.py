@@ -157,8 +157,7 @@ def build_model(cfg: Config, image_dim: int, pretrained: bool = True, tower: Any
         image_tower_spec=cfg.model.image_tower, train_image_tower=cfg.model.train_image_tower)
     if cfg.train.grad_checkpointing:
         enable_checkpointing(model.encoder)
-    else:
-        enable_packing(model.encoder)
+    enable_packing(model.encoder)  # after: the packed forward checkpoints its layers when asked
     return model
 
 
@@ -250,7 +249,7 @@ def _packed_forward(self: Any, input_ids: torch.Tensor | None = None, attention_
         full = x_TH.new_zeros(B * L, x_TH.shape[-1]).index_copy(0, index_T, x_TH)
         return full.view(B, L, heads, dim).transpose(1, 2)
 
-    for layer in self.encoder.layer:
+    def run_layer(layer: Any, h_TH: torch.Tensor) -> torch.Tensor:
         attn = layer.attention.self
         heads, dim = attn.num_attention_heads, attn.attention_head_size
         q, k, v = (to_heads(proj(h_TH), heads, dim) for proj in (attn.query, attn.key, attn.value))
@@ -258,7 +257,19 @@ def _packed_forward(self: Any, input_ids: torch.Tensor | None = None, attention_
             q, k, v, attn_mask=keys_B11L, dropout_p=attn.dropout.p if attn.training else 0.0, scale=dim ** -0.5)
         ctx_TH = ctx_BhLd.transpose(1, 2).reshape(B * L, heads * dim).index_select(0, index_T)
         a_TH = layer.attention.output(ctx_TH, h_TH)
-        h_TH = layer.output(layer.intermediate(a_TH), a_TH)
+        return layer.output(layer.intermediate(a_TH), a_TH)
+
+    # Activation checkpointing as the encoder's own (enable_checkpointing): one checkpoint per
+    # layer, non-reentrant, the RNG state kept so the recomputation draws the same dropout.
+    # The flag sits on the encoder stack (transformers 4) or on each layer (transformers 5).
+    stack_flag = getattr(self.encoder, "gradient_checkpointing", False)
+    for layer in self.encoder.layer:
+        if torch.is_grad_enabled() and (stack_flag or getattr(layer, "gradient_checkpointing", False)):
+            from torch.utils.checkpoint import checkpoint
+
+            h_TH = checkpoint(run_layer, layer, h_TH, use_reentrant=False)
+        else:
+            h_TH = run_layer(layer, h_TH)
     last_BLH = h_TH.new_zeros(B * L, H).index_copy(0, index_T, h_TH).view(B, L, H)
     return BaseModelOutput(last_hidden_state=last_BLH) if return_dict else (last_BLH,)
 
