@@ -806,6 +806,59 @@ def _keep(batch: Any) -> Any:
     return batch
 
 
+class _ThreadPrefetch:
+    """Runs a batch iterator in one background thread, a few batches ahead.
+
+    With data.num_workers=0 there is no worker process, and reading, decoding and tokenising
+    would run on the main process between steps. Here they run beside the step instead: the
+    tokeniser and the step's kernels release the GIL. The stream's order, its data positions
+    (each batch carries its own) and its exceptions are those of the synchronous iterator; the
+    stream draws nothing from torch's global RNG (sample order is seeded per window, image
+    preprocessing is deterministic), so the step's dropout masks are untouched.
+    """
+
+    def __init__(self, it: Iterator[dict[str, Any]], depth: int, name: str) -> None:
+        import queue
+        import threading
+        import weakref
+
+        self._queue: Any = queue.Queue(maxsize=depth)
+        stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(it, self._queue, stop), daemon=True,
+                                        name=f"webmcse-data-{name}")
+        self._thread.start()
+        # The thread holds no reference to this object: once the stream is dropped, it stops.
+        weakref.finalize(self, stop.set)
+
+    @staticmethod
+    def _fill(it: Iterator[dict[str, Any]], out: Any, stop: Any) -> None:
+        import queue
+
+        while not stop.is_set():
+            try:
+                item: Any = ("batch", next(it))
+            except BaseException as exc:  # handed to the consumer, raised there
+                item = ("error", exc)
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            if item[0] == "error":
+                return
+
+    def __iter__(self) -> _ThreadPrefetch:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        kind, value = self._queue.get()
+        if kind == "error":
+            self._queue.put((kind, value))  # every later call fails the same way
+            raise value
+        return value
+
+
 class BatchStreams:
     """One DataLoader per source; ``next(name)`` returns that source's next batch.
 
@@ -847,7 +900,10 @@ class BatchStreams:
             loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, collate_fn=_keep,
                                 persistent_workers=cfg.num_workers > 0,
                                 prefetch_factor=4 if cfg.num_workers > 0 else None)
-            self._iters[src.name] = iter(loader)
+            # Tokenisation never runs on the step's critical path: in the worker processes, or
+            # without workers in a background thread of this process.
+            self._iters[src.name] = iter(loader) if cfg.num_workers > 0 else \
+                _ThreadPrefetch(iter(loader), depth=4, name=src.name)
 
     @staticmethod
     def _spec_of(saved: dict[str, Any]) -> dict[int, list[list[Segment]]]:
