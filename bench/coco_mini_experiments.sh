@@ -5,7 +5,8 @@
 #   bash bench/prepare_coco_mini.sh                 # data (once)
 #   bash bench/coco_mini_experiments.sh curve       # one MCSE run: the STS-B dev / retrieval curve
 #   bash bench/coco_mini_experiments.sh noise       # noisy copies of the training photos (p = 0.2, 0.4, 0.6)
-#   bash bench/coco_mini_experiments.sh bootstrap   # offline defence: short runs on noisy data, then score-pairs
+#   bash bench/coco_mini_experiments.sh bootstrap [SRC...]  # offline defence: cross-fitted short runs, then score-pairs
+#                                                   # (SRC: train, noisy_p04 — both by default)
 #   bash bench/coco_mini_experiments.sh sweep       # 10 arms x 3 seeds, one table (runs/sweeps/coco_mini/sweep.md)
 #   .venv/bin/python bench/noise_report.py          # tables + plot from the sweep
 set -euo pipefail
@@ -32,7 +33,8 @@ case "${1:-}" in
     # Cross-fitted: each half of the (noisy) photos trains a short run whose grounding heads score
     # the other half's captions, so no caption is scored by a model that memorised it; the best
     # 60% of each half's captions are kept. Done on the clean data too, to measure the cost.
-    for src in train noisy_p04; do
+    srcs=("${@:2}"); [ ${#srcs[@]} -gt 0 ] || srcs=(train noisy_p04)
+    for src in "${srcs[@]}"; do
       $bin/webmcse-data split $data/$src --holdout 0.5 --seed 1 --train-out $data/${src}_f0 \
         --heldout-out $data/${src}_f1 --shard-size 20 --overwrite
       for f in 0 1; do
@@ -61,5 +63,5 @@ case "${1:-}" in
       --arm scored40:$(scored noisy_p04),$noise_tasks \
       --note "configs/coco_mini.yaml, last step of each run, 100 held-out photos." ;;
   *)
-    sed -n '2,12p' "$0"; exit 2 ;;
+    sed -n '2,13p' "$0"; exit 2 ;;
 esac
