@@ -63,5 +63,5 @@ case "${1:-}" in
       --arm scored40:$(scored noisy_p04),$noise_tasks \
       --note "configs/coco_mini.yaml, last step of each run, 100 held-out photos." ;;
   *)
-    sed -n '2,13p' "$0"; exit 2 ;;
+    sed -n '2,11p' "$0"; exit 2 ;;
 esac
