@@ -307,7 +307,9 @@ Settings that differ, and why:
 | setting | sentence-transformers | webmcse | why |
 | --- | --- | --- | --- |
 | optimizer | {st_opt} (its default) | {us_opt} | each trainer's own default; both fused here |
-| encoder forward in training | the encoder's own (padded batch, SDPA attention) | packed: layers run on the real tokens only, attention on the padded layout with the same key mask | webmcse's default on CPU; the outputs at real tokens are the padded forward's (tests/test_speed_step.py), so the arithmetic saved is the padding's |
+| encoder forward in training | the encoder's own (padded batch, SDPA attention) | packed: layers run on the real \
+tokens only, attention on the padded layout with the same key mask | webmcse's default on CPU; the outputs at \
+real tokens are the padded forward's (tests/test_speed_step.py), so the arithmetic saved is the padding's |
 | the two dropout views | two forward passes of {args.batch} sentences (anchor column, positive column) | \
 one pass of {2 * args.batch} rows | how each trainer is built: ST's MNRL embeds each column separately |
 | head on [CLS] for the loss | none | SimCSE's MLP (Linear {'+'} Tanh, hidden x hidden) | MCSE's method; it \
