@@ -4,52 +4,28 @@ without Chromium."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from .fake_apt import apt_calls, fake_bin, run_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "install_chromium.sh"
 
 
 def _fake_bin(tmp_path: Path, uid: int, apt_rc: int, chromium: bool = False) -> Path:
-    """A PATH with real date/timeout/mkdir, a fake id and an apt-get that records its arguments."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("date", "timeout", "mkdir"):
-        real = shutil.which(tool)
-        assert real, tool
-        (bin_dir / tool).symlink_to(real)
-    scripts = {
-        "id": f"#!/bin/sh\necho {uid}\n",
-        "apt-get": f'#!/bin/sh\necho "$@" >> "{tmp_path}/apt-calls"\nexit {apt_rc}\n',
-    }
-    if chromium:
-        scripts["chromium"] = "#!/bin/sh\nexit 0\n"
-    for name, text in scripts.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    return bin_dir
+    return fake_bin(tmp_path, uid, apt_rc, present="chromium" if chromium else None)
 
 
 def _run(tmp_path: Path, bin_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    bash = shutil.which("bash")
-    assert bash
-    full_env = {"PATH": str(bin_dir), "WEBMCSE_CHROMIUM_LOG": str(tmp_path / "install.log"), **env}
-    return subprocess.run([bash, str(SCRIPT)], cwd=tmp_path, env=full_env, text=True,
-                          capture_output=True, timeout=60)
-
-
-def _apt_calls(tmp_path: Path) -> list[str]:
-    calls = tmp_path / "apt-calls"
-    return calls.read_text().splitlines() if calls.exists() else []
+    return run_script(SCRIPT, tmp_path, bin_dir, "WEBMCSE_CHROMIUM_LOG", **env)
 
 
 def test_installs_debian_chromium_as_root_when_missing(tmp_path: Path) -> None:
     out = _run(tmp_path, _fake_bin(tmp_path, uid=0, apt_rc=0))
     assert out.returncode == 0 and out.stderr == "", out.stderr
-    calls = _apt_calls(tmp_path)
+    calls = apt_calls(tmp_path)
     assert calls[0] == "update -qq"
     install = calls[1].split()
     assert install[:2] == ["install", "-y"] and "--no-install-recommends" in install
@@ -66,14 +42,14 @@ def test_does_nothing_where_it_should_not_install(tmp_path: Path, uid: int, chro
                                                   env: dict[str, str]) -> None:
     out = _run(tmp_path, _fake_bin(tmp_path, uid=uid, apt_rc=0, chromium=chromium), **env)
     assert out.returncode == 0, out.stderr
-    assert _apt_calls(tmp_path) == []
+    assert apt_calls(tmp_path) == []
     assert out.stdout == ""
 
 
 def test_a_failed_install_does_not_fail_the_test_command(tmp_path: Path) -> None:
     out = _run(tmp_path, _fake_bin(tmp_path, uid=0, apt_rc=100))
     assert out.returncode == 0, out.stderr
-    assert _apt_calls(tmp_path) == ["update -qq"]
+    assert apt_calls(tmp_path) == ["update -qq"]
     assert "could not install Chromium" in out.stdout and str(tmp_path / "install.log") in out.stdout
 
 
