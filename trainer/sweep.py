@@ -103,7 +103,9 @@ def table(summary: dict[str, dict[str, dict[str, float]]], seeds: list[int], not
     arms = list(summary)
     metrics = list(dict.fromkeys(m for arm in arms for m in summary[arm]))
     lines = [f"Mean ± std over seeds {', '.join(map(str, seeds))}." + (f" {note}" if note else ""), "",
-             "| metric | " + " | ".join(arms) + " |", "| --- |" + " ---: |" * len(arms)]
+             "| metric | " + " | ".join(arms) + " |", "| --- |" + " ---: |" * len(arms),
+             "| seeds run | " + " | ".join(str(max((s["n"] for s in summary[a].values()), default=0))
+                                         for a in arms) + " |"]
     for metric in metrics:
         cells = []
         for arm in arms:
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launcher", default=DEFAULT_LAUNCHER,
                    help=f"command that starts trainer/run.py (default: {DEFAULT_LAUNCHER!r})")
     p.add_argument("--note", default="", help="a sentence printed under the table (settings, data)")
+    p.add_argument("--report-only", action="store_true",
+                   help="launch nothing: the table from the runs that have finished (the rest are listed)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = p.parse_args(argv)
     try:
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or Path(args.config).stem
     folder = Path(cfg.train.output_dir) / "sweeps" / name
     folder.mkdir(parents=True, exist_ok=True)
-    client, parent = _parent_run(cfg, name, folder)
+    client, parent = _parent_run(cfg, name, folder) if not args.report_only else (None, None)
 
     per_run: dict[str, dict[int, dict[str, float]]] = {a.name: {} for a in arms}
     t0 = time.perf_counter()
@@ -167,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             run_name = f"{name}-{arm.name}-s{seed}"
             run_dir = Path(cfg.train.output_dir) / run_name
             results = run_dir / "results.json"
+            if args.report_only and not results.is_file():
+                print(f"sweep {name}: {arm.name} seed {seed} has not finished ({run_dir}); left out", flush=True)
+                continue
             if not results.is_file():
                 cmd = [*shlex.split(args.launcher), str(ROOT / "trainer" / "run.py"), "--config", args.config,
                        *args.overrides, *arm.overrides, f"train.seed={seed}", f"train.run_name={run_name}"]
@@ -181,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr)
                     return 1
             per_run[arm.name][seed] = collect(json.loads(results.read_text(encoding="utf-8")))
+    per_run = {arm: runs for arm, runs in per_run.items() if runs}
+    if not per_run:
+        print(f"error: sweep {name} has no finished run", file=sys.stderr)
+        return 1
     summary = summarise(per_run)
     text = table(summary, seeds, args.note)
     (folder / "sweep.json").write_text(json.dumps({"seeds": seeds, "arms": {a.name: a.overrides for a in arms},
