@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+SEEDS = 3  # seeds per arm in the sweep; a cell over fewer says so
 NOISE_ARMS = {0.0: "mcse", 0.2: "noise20", 0.4: "noise40", 0.6: "noise60"}
 DEFENCES = {"robust": {0.0: "robust0", 0.4: "robust40"}, "scored": {0.0: "scored0", 0.4: "scored40"}}
 
 
 def cell(summary: dict[str, Any], arm: str, metric: str) -> str:
     s = summary.get(arm, {}).get(metric)
-    return f"{s['mean']:.2f} ± {s['std']:.2f}" if s else "—"
+    if not s:
+        return "—"
+    return f"{s['mean']:.2f} ± {s['std']:.2f}" + ("" if s.get("n", SEEDS) == SEEDS else f" (n={s['n']})")
 
 
 def stat(summary: dict[str, Any], arm: str, metric: str) -> tuple[float, float]:

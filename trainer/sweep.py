@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         client.log_artifact(parent, str(folder / "sweep.md"))
         client.set_terminated(parent, "FINISHED")
     print(text)
-    print(f"sweep {name}: {len(arms) * len(seeds)} runs, table in {folder / 'sweep.md'}")
+    done = sum(len(runs) for runs in per_run.values())
+    print(f"sweep {name}: {done} of {len(arms) * len(seeds)} runs finished, table in {folder / 'sweep.md'}")
     return 0
 
 
