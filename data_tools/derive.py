@@ -61,3 +61,14 @@ def derived_manifest(manifest: dict[str, Any], src: Path, record: str, details: 
     info = {k: v for k, v in manifest.items() if k not in _OWN_FIELDS}
     info[record] = {**details, "from": str(src), "from_manifest_sha256": file_sha256(src / MANIFEST)}
     return info
+
+
+def keep_captions(meta: dict[str, Any], caps: list[str], keep: list[bool]) -> dict[str, Any]:
+    """The sample's metadata with only the kept captions, and every per-caption list (the noise
+    lab's ground truth included) cut to match."""
+    for name in ("captions", "noise", "noise_from", "clean_captions"):
+        if isinstance(meta.get(name), list) and len(meta[name]) == len(caps):
+            meta[name] = [v for v, kp in zip(meta[name], keep, strict=True) if kp]
+    if "captions" not in meta:
+        meta["captions"] = [c for c, kp in zip(caps, keep, strict=True) if kp]
+    return meta

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.derive import captions_of, derived_manifest, open_pairs, prepare_output, samples
+from data_tools.derive import captions_of, derived_manifest, keep_captions, open_pairs, prepare_output, samples
 from data_tools.shards import DatasetError, ShardWriter, shard_dicts, write_manifest
 
 
@@ -228,11 +228,7 @@ def score_pairs(dataset: str | Path, out: str | Path, model_dir: str | Path, *, 
                 continue
             meta["caption_scores"] = [round(x, 5) for x in row]
             meta["scored_by"] = scorer.name
-            for name in ("captions", "noise", "noise_from", "clean_captions"):
-                if isinstance(meta.get(name), list) and len(meta[name]) == len(caps):
-                    meta[name] = [v for v, kp in zip(meta[name], keep, strict=True) if kp]
-            if "captions" not in meta:
-                meta["captions"] = [c for c, kp in zip(caps, keep, strict=True) if kp]
+            keep_captions(meta, caps, keep)
             sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
             sample["txt"] = meta["captions"][0].encode("utf-8")
             writer.write(sample)
