@@ -7,7 +7,7 @@
 #   bash bench/coco_mini_experiments.sh noise       # noisy copies of the training photos (p = 0.2, 0.4, 0.6)
 #   bash bench/coco_mini_experiments.sh bootstrap [SRC...]  # offline defence: cross-fitted short runs, then score-pairs
 #                                                   # (SRC: train, noisy_p04 — both by default)
-#   bash bench/coco_mini_experiments.sh sweep       # 10 arms x 3 seeds, one table (runs/sweeps/coco_mini/sweep.md)
+#   bash bench/coco_mini_experiments.sh sweep       # 11 arms x 3 seeds, one table (runs/sweeps/coco_mini/sweep.md)
 #   .venv/bin/python bench/noise_report.py          # tables + plot from the sweep
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,7 +28,9 @@ case "${1:-}" in
   noise)
     for p in 0.2 0.4 0.6; do
       $bin/webmcse-data corrupt $data/train --out $data/noisy_p${p/./} --p $p --seed 0 --shard-size 20 --overwrite
-    done ;;
+    done
+    # The ground-truth filter of the p = 0.4 copy: the bound on what any caption filter can recover.
+    $bin/python bench/oracle_filter.py $data/noisy_p04 --out $data/oracle_p04 --shard-size 20 --overwrite ;;
   bootstrap)
     # Cross-fitted: each half of the (noisy) photos trains a short run whose grounding heads score
     # the other half's captions, so no caption is scored by a model that memorised it; the best
@@ -61,6 +63,7 @@ case "${1:-}" in
       --arm robust40:data.sources.1.path=$data/noisy_p04,loss.robust_drop=0.4,loss.robust_warmup_steps=30,$noise_tasks \
       --arm scored0:$(scored train),$noise_tasks \
       --arm scored40:$(scored noisy_p04),$noise_tasks \
+      --arm oracle40:data.sources.1.path=$data/oracle_p04,$noise_tasks \
       --note "configs/coco_mini.yaml, last step of each run, 100 held-out photos." ;;
   *)
     sed -n '2,11p' "$0"; exit 2 ;;
