@@ -93,12 +93,18 @@ def detection_table(data: Path) -> str:
     over themselves plus every clean caption flagged (the other kinds left out)."""
     lines = ["| scored dataset | noise kind | captions of that kind | flagged | precision | recall |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    candidates = []
     for name in ("scored_noisy_p04", "scored_train"):
+        single = data / name / "manifest.json"
+        if single.is_file():
+            scorer = json.loads(single.read_text())["score_filter"]
+            candidates.append((f"{name} (one run on all photos, scoring its own training captions, "
+                               f"{scorer.get('score', 'cosine')})", [single]))
         halves = [data / f"{name}_f{f}" / "manifest.json" for f in (0, 1)]
-        paths = halves if all(h.is_file() for h in halves) else [data / name / "manifest.json"]
-        if not all(p.is_file() for p in paths):
-            continue
-        label = f"{name}_f0 + _f1 (cross-fitted)" if paths == halves else name
+        if all(h.is_file() for h in halves):
+            scorer = json.loads(halves[0].read_text())["score_filter"]
+            candidates.append((f"{name}_f0 + _f1 (cross-fitted halves, {scorer.get('score', 'cosine')})", halves))
+    for label, paths in candidates:
         totals: dict[str, list[float]] = {}
         for path in paths:
             for kind, d in json.loads(path.read_text())["score_filter"]["detection"].items():
