@@ -12,7 +12,6 @@ and the clean captions that are simply not there (which no filter brings back).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -47,9 +46,7 @@ def oracle_filter(src: Path, dst: Path, shard_size: int = 1000, overwrite: bool 
             if not any(keep):
                 images_dropped += 1
                 continue
-            keep_captions(meta, caps, keep)
-            sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-            sample["txt"] = meta["captions"][0].encode("utf-8")
+            keep_captions(sample, meta, caps, keep)
             writer.write(sample)
     except BaseException:
         writer.abort()

@@ -63,12 +63,13 @@ def derived_manifest(manifest: dict[str, Any], src: Path, record: str, details: 
     return info
 
 
-def keep_captions(meta: dict[str, Any], caps: list[str], keep: list[bool]) -> dict[str, Any]:
-    """The sample's metadata with only the kept captions, and every per-caption list (the noise
-    lab's ground truth included) cut to match."""
+def keep_captions(sample: dict[str, Any], meta: dict[str, Any], caps: list[str], keep: list[bool]) -> None:
+    """Rewrite the sample with only the kept captions: every per-caption list of its metadata
+    (the noise lab's ground truth included) cut to match, its json and its first caption (txt)."""
     for name in ("captions", "noise", "noise_from", "clean_captions"):
         if isinstance(meta.get(name), list) and len(meta[name]) == len(caps):
             meta[name] = [v for v, kp in zip(meta[name], keep, strict=True) if kp]
     if "captions" not in meta:
         meta["captions"] = [c for c, kp in zip(caps, keep, strict=True) if kp]
-    return meta
+    sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    sample["txt"] = meta["captions"][0].encode("utf-8")

@@ -14,7 +14,6 @@ ground truth, detection precision and recall (dropped = flagged as noise) are re
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,9 +227,7 @@ def score_pairs(dataset: str | Path, out: str | Path, model_dir: str | Path, *, 
                 continue
             meta["caption_scores"] = [round(x, 5) for x in row]
             meta["scored_by"] = scorer.name
-            keep_captions(meta, caps, keep)
-            sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-            sample["txt"] = meta["captions"][0].encode("utf-8")
+            keep_captions(sample, meta, caps, keep)
             writer.write(sample)
     except BaseException:
         writer.abort()

@@ -233,3 +233,28 @@ def test_margin_scores_are_own_cosine_minus_the_best_other_image(pairs: Path, tm
             want = (own - sims.max(1).values).tolist()
             got = json.loads(samples(tmp_path / "kept")[key]["json"])["caption_scores"]
             assert got == pytest.approx(want, abs=2e-5), key
+
+
+def test_oracle_filter_keeps_exactly_the_clean_captions(pairs: Path, tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from oracle_filter import oracle_filter
+
+    corrupt(pairs, tmp_path / "noisy", p=0.4, seed=3, progress=False)
+    counts = oracle_filter(tmp_path / "noisy", tmp_path / "oracle")
+    kept = samples(tmp_path / "oracle")
+    # Built from the fixture, not from the lab's labels: caption j of image i reads
+    # "image {i} caption {j} ...", so a clean caption names its own image.
+    total = 0
+    for key, s in kept.items():
+        meta = json.loads(s["json"])
+        i = int(key[3:])
+        assert meta["captions"] and all(c.startswith(f"image {i} caption ") for c in meta["captions"])
+        assert s["txt"].decode() == meta["captions"][0] and set(meta["noise"]) == {"none"}
+        total += len(meta["captions"])
+    noisy = samples(tmp_path / "noisy")
+    clean_in_noisy = sum(c.startswith(f"image {int(k[3:])} caption ") for k, s in noisy.items()
+                         for c in json.loads(s["json"])["captions"])
+    assert total == counts["kept"] == clean_in_noisy
+    assert counts["dropped"] == round(0.4 * N_IMAGES * N_CAPS)
