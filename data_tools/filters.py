@@ -14,6 +14,7 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+import numpy as np
 from PIL import Image
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -75,6 +76,10 @@ def looks_like_html(data: bytes) -> bool:
     )
 
 
+Pixels = Image.Image | np.ndarray
+"""A decoded image: Pillow's, or libjpeg-turbo's array (:func:`decode_jpeg`)."""
+
+
 @dataclass
 class ImageInfo:
     format: str
@@ -83,25 +88,29 @@ class ImageInfo:
 
 
 def inspect_image(data: bytes, opts: FilterOptions, images: ImageOptions | None = None,
-                  ) -> tuple[ImageInfo | None, str | None, Image.Image | None]:
+                  ) -> tuple[ImageInfo | None, str | None, Pixels | None]:
     """Header checks first, then at most one decode: with ``verify_decode``, or when
-    ``images`` resizes or re-encodes. Returns (info, drop reason, decoded image) so hashing
-    and resizing reuse the pixels. ``info`` keeps the original size; a JPEG whose output is
-    at most half its size is decoded at a reduced scale (:func:`draft_for`)."""
+    ``images`` resizes or re-encodes. Returns (info, drop reason, decoded pixels) so hashing
+    and resizing reuse them. ``info`` keeps the original size. A JPEG is decoded by
+    libjpeg-turbo directly at the smallest DCT scale (n/8) that still covers the output
+    (:func:`decode_jpeg`); anything it refuses (other formats, CMYK, a warning such as a
+    truncated file) goes through Pillow, which decides as it always has."""
     if not data:
         return None, "image_empty", None
     if looks_like_html(data):
         return None, "image_is_html", None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # lazy: parses the header only
-            width, height = img.size
-            fmt = (img.format or "").lower()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return None, "image_too_many_pixels", None
-    except Exception:
-        return None, "image_undecodable", None
+    img: Image.Image | None = None
+    size = _jpeg_size(data)
+    if size is not None:  # libjpeg-turbo read the header (~2 us; Pillow's open takes ~15x that)
+        (width, height), fmt = size, "jpeg"
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            return None, "image_too_many_pixels", None  # where Pillow's open would warn
+    else:
+        opened = _open(data)
+        if isinstance(opened, str):
+            return None, opened, None
+        img = opened
+        (width, height), fmt = img.size, (img.format or "").lower()
     if width * height > opts.max_pixels:
         return None, "image_too_many_pixels", None
     if min(width, height) < opts.min_side:
@@ -110,18 +119,52 @@ def inspect_image(data: bytes, opts: FilterOptions, images: ImageOptions | None 
         return None, "image_bad_aspect", None
     info = ImageInfo(format="jpg" if fmt in ("jpeg", "mpo") else fmt, width=width, height=height)
     pixels = images is not None and (images.resize_mode != "no" or images.reencode or info.format not in STORED_FORMATS)
-    loaded = None
-    if opts.verify_decode or pixels:
-        try:
-            if images is not None:
-                draft_for(img, info, images)
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img.load()
-            loaded = img
-        except Exception:
-            return None, "image_truncated", None
-    return info, None, loaded
+    if not (opts.verify_decode or pixels):
+        return info, None, None
+    if info.format == "jpg":
+        fast = decode_jpeg(data, info, images)
+        if fast is not None:
+            return info, None, fast
+    if img is None:
+        opened = _open(data)
+        if isinstance(opened, str):
+            return None, opened, None
+        img = opened
+    try:
+        if images is not None:
+            draft_for(img, info, images)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+    except Exception:
+        return None, "image_truncated", None
+    return info, None, img
+
+
+def _open(data: bytes) -> Image.Image | str:
+    """Pillow's lazy open (header only), or the drop reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "image_too_many_pixels"
+    except Exception:
+        return "image_undecodable"
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that :func:`decode_jpeg` can decode, from libjpeg-turbo's
+    header parse; None for anything else (Pillow then opens it)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    try:
+        import simplejpeg
+
+        height, width, space, _ = simplejpeg.decode_jpeg_header(data)
+    except (ImportError, ValueError):
+        return None
+    return (width, height) if space in _JPEG_SPACES else None
 
 
 # Formats the trainer decodes (trainer/data.py IMAGE_EXTS); anything else is re-encoded.
@@ -203,19 +246,59 @@ def geometry(width: int, height: int, opts: ImageOptions) -> Geometry:
 
 
 def _rgb(img: Image.Image) -> Image.Image:
-    """RGB (or L) pixels for JPEG; alpha is composited on white, as a browser shows it."""
+    """RGB (or L, or RGBX: RGB with a padding byte, which JPEG stores as RGB) pixels for
+    JPEG; alpha is composited on white, as a browser shows it."""
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         rgb = Image.new("RGB", rgba.size, (255, 255, 255))
         rgb.paste(rgba, mask=rgba.split()[-1])
         return rgb
-    return img if img.mode in ("RGB", "L") else img.convert("RGB")
+    return img if img.mode in ("RGB", "L", "RGBX") else img.convert("RGB")
+
+
+def decode_jpeg(data: bytes, info: ImageInfo, opts: ImageOptions | None) -> np.ndarray | None:
+    """A YCbCr or greyscale JPEG's pixels (H x W x 4 RGBX, or H x W grey) from libjpeg-turbo,
+    decoded at the smallest of the scales 1, 1/2, 1/4, 1/8 that is still at least the
+    output size, or None to let Pillow decode it (CMYK and other colour spaces, simplejpeg
+    missing, or any libjpeg warning: strict decoding turns a truncated or damaged file into
+    a refusal, and Pillow then reports it as it always has).
+
+    Why these scales: libjpeg-turbo's inverse DCT is SIMD code at full, 1/2 and 1/4 size (1/8
+    keeps only the DC term); its other n/8 scales are plain C and cost more than a full
+    decode. What is left to :func:`resize_image` is then under 2x except past 1/8. Decoding
+    reads every coefficient at any scale, so a file cut short is still caught."""
+    try:
+        import simplejpeg
+    except ImportError:  # an environment without it keeps the Pillow path
+        return None
+    try:
+        height, width, space, _ = simplejpeg.decode_jpeg_header(data)
+        target = _JPEG_SPACES.get(space)
+        if target is None or (width, height) != (info.width, info.height):
+            return None
+        g = geometry(width, height, opts) if opts is not None else Geometry()
+        k = 1
+        if g.scaled is not None:
+            while k < 8 and -(-width // (2 * k)) >= g.scaled[0] and -(-height // (2 * k)) >= g.scaled[1]:
+                k *= 2
+        # simplejpeg picks the largest reduction whose output is at least these sizes: 1/k's own.
+        px = simplejpeg.decode_jpeg(data, colorspace=target, min_width=-(-width // k) if k > 1 else 0,
+                                    min_height=-(-height // k) if k > 1 else 0, strict=True)
+    except ValueError:
+        return None
+    return px[:, :, 0] if target == "GRAY" else px
+
+
+_JPEG_SPACES = {"YCbCr": "RGBX", "Gray": "GRAY"}
+"""JPEG colour spaces decoded by :func:`decode_jpeg`, and the pixels asked for: RGBX is
+Pillow's own memory layout for RGB, so the resized pixels become a Pillow image without a
+copy (:func:`resize_image`). Pillow handles the rest (Adobe CMYK/YCCK need its inversion
+rules)."""
 
 
 def draft_for(img: Image.Image, info: ImageInfo, opts: ImageOptions) -> None:
-    """Before the decode: let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale in the DCT
-    domain when the output is at most that large, which skips most of the decode's work
-    on big photos. The decoded image is never smaller than the scaled size."""
+    """Pillow's reduced decode (1/2, 1/4 or 1/8 only) for the JPEGs :func:`decode_jpeg` leaves
+    to it, when the output is at most that large. Never smaller than the scaled size."""
     if info.format != "jpg" or not hasattr(img, "draft"):
         return
     g = geometry(info.width, info.height, opts)
@@ -223,13 +306,30 @@ def draft_for(img: Image.Image, info: ImageInfo, opts: ImageOptions) -> None:
         img.draft(img.mode if img.mode in ("RGB", "L") else None, g.scaled)
 
 
-def resize_image(img: Image.Image, info: ImageInfo, opts: ImageOptions) -> tuple[Image.Image, Geometry]:
+def resize_image(img: Pixels, info: ImageInfo, opts: ImageOptions) -> tuple[Image.Image, Geometry]:
     """The decoded image scaled per ``opts`` (before any crop or pad: what the phash is
-    taken from), and the geometry still to apply."""
+    taken from), and the geometry still to apply.
+
+    Pixels from :func:`decode_jpeg` are within 2x of the output (unless over 8x it): OpenCV's
+    bilinear filter finishes such a reduction, and area averaging a larger one. On the
+    benchmark's photos the result is closer to an exact area average than Pillow's BOX from
+    full size, at a tenth of the cost (docs/BENCHMARKS.md, data-stages). Pillow images use
+    BOX, which averages the source pixels each output pixel covers. Enlarging (``upscale``)
+    uses LANCZOS, as img2dataset does."""
     g = geometry(info.width, info.height, opts)
+    if isinstance(img, np.ndarray):
+        h, w = img.shape[:2]
+        if g.scaled is not None and (w, h) != g.scaled and g.scaled[0] < w:
+            import cv2
+
+            if cv2.getNumThreads() != 1:
+                cv2.setNumThreads(1)  # one image per call; the parallelism is the worker processes
+            area = w > 2 * g.scaled[0] or h > 2 * g.scaled[1]
+            img = cv2.resize(img, g.scaled, interpolation=cv2.INTER_AREA if area else cv2.INTER_LINEAR)
+        img = np.ascontiguousarray(img)
+        mode = "L" if img.ndim == 2 else "RGBX"
+        img = Image.frombuffer(mode, (img.shape[1], img.shape[0]), img, "raw", mode, 0, 1)  # shares the array
     if g.scaled is not None and img.size != g.scaled:
-        # BOX averages the source pixels each output pixel covers (img2dataset's "area"
-        # filter); enlarging uses LANCZOS (img2dataset's too).
         up = g.scaled[0] > img.width
         img = _rgb(img).resize(g.scaled, Image.Resampling.LANCZOS if up else Image.Resampling.BOX)
     return img, g
@@ -245,7 +345,7 @@ def encode_image(img: Image.Image, info: ImageInfo, g: Geometry,
     if g.crop is not None:
         rgb = rgb.crop(g.crop)
     elif g.canvas:
-        canvas = Image.new(rgb.mode, (g.canvas, g.canvas), 255 if rgb.mode == "L" else (255, 255, 255))
+        canvas = Image.new(rgb.mode, (g.canvas, g.canvas), 255 if rgb.mode == "L" else (255,) * len(rgb.mode))
         canvas.paste(rgb, g.offset)
         rgb = canvas
     buf = io.BytesIO()

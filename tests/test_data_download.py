@@ -139,11 +139,66 @@ def test_large_jpeg_is_decoded_once_at_reduced_scale_and_still_checked() -> None
     f = FilterOptions()
     info, reason, img = inspect_image(big, f, opts("keep_ratio", 64))
     assert reason is None and info is not None and (info.width, info.height) == (800, 600)
-    assert img is not None and img.size == (100, 75)  # libjpeg's 1/8 scale: 600/8 = 75 >= 64
-    info, reason, img = inspect_image(big, f, opts("keep_ratio", 400))
-    assert img is not None and img.size == (800, 600)  # 1/2 would give 300 < 400: full size
+    assert isinstance(img, np.ndarray) and img.shape == (75, 100, 4)  # 1/8 scale: 600/8 = 75 >= 64
+    _, _, img = inspect_image(big, f, opts("keep_ratio", 150))
+    assert isinstance(img, np.ndarray) and img.shape == (150, 200, 4)  # 1/4
+    _, _, img = inspect_image(big, f, opts("keep_ratio", 400))
+    assert isinstance(img, np.ndarray) and img.shape == (600, 800, 4)  # 1/2 would give 300 < 400: full size
     _, reason, _ = inspect_image(big[: len(big) // 2], f, opts("keep_ratio", 64))
     assert reason == "image_truncated"  # the reduced decode still reads every coefficient
+
+
+def _area_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) exact area-average weights: output pixel i covers input [i, i+1) * n_in / n_out,
+    edge pixels weighted by the fraction covered."""
+    edges = np.linspace(0, n_in, n_out + 1)
+    lo, hi = np.arange(n_in), np.arange(n_in) + 1
+    w = np.clip(np.minimum(hi[None], edges[1:, None]) - np.maximum(lo[None], edges[:-1, None]), 0, None)
+    return w / w.sum(1, keepdims=True)
+
+
+def test_reduced_decode_and_resize_land_on_the_output_size_close_to_an_area_average() -> None:
+    """The n/8 DCT-domain decode plus the residual resize must give exactly the geometry's
+    size and pixels close to an exact area average of the full decode (built here in float
+    from Pillow's full-size pixels), on real photos, in every residual regime: none left
+    (an exact n/8), under 2x (bilinear) and over 2x (area: photos over 8x the output)."""
+    import imagehash
+
+    from data_tools.filters import encode_image, resize_image
+
+    photo_file = sorted((SHARED_DATA / "pairs" / "coco_mini" / "images").glob("*.jpg"))[0]
+    src = Image.open(photo_file).convert("RGB").resize((640, 480), Image.Resampling.LANCZOS)
+    cases = (((640, 480), 60, (80, 60)), ((640, 480), 256, (341, 256)), ((640, 480), 300, (400, 300)),
+             ((2560, 1920), 100, (133, 100)))
+    for size, side, expect in cases:
+        buf = io.BytesIO()
+        src.resize(size, Image.Resampling.LANCZOS).save(buf, "JPEG", quality=95)
+        data = buf.getvalue()
+        info, _, img = inspect_image(data, FilterOptions(), opts("keep_ratio", side))
+        assert isinstance(img, np.ndarray) and info is not None
+        out, _ = resize_image(img, info, opts("keep_ratio", side))
+        assert out.size == expect and out.mode == "RGBX"  # RGB in Pillow's 4-byte layout: no copy
+        full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64)
+        ry, rx = _area_weights(full.shape[0], expect[1]), _area_weights(full.shape[1], expect[0])
+        rows = (ry @ full.reshape(full.shape[0], -1)).reshape(expect[1], full.shape[1], 3)
+        ref = np.einsum("owc,pw->opc", rows, rx, optimize=True)
+        psnr = 10 * np.log10(255**2 / np.mean((np.asarray(out.convert("RGB"), dtype=np.float64) - ref) ** 2))
+        assert psnr > 30.0, (size, side, psnr)  # nearest-neighbour sampling scores ~25, a 1-px shift ~26
+        assert image_phash(out) == int(str(imagehash.phash(out.convert("RGB"))), 16)  # RGBX hashes as its RGB
+        stored, stored_info = encode_image(out, info, geometry(*size, opts("keep_ratio", side)), opts("keep_ratio", side))
+        back = np.asarray(Image.open(io.BytesIO(stored)), dtype=np.float64)
+        assert back.shape == (*expect[::-1], 3) and (stored_info.width, stored_info.height) == expect
+        want = np.asarray(out.convert("RGB"), dtype=np.float64)
+        err, swapped = np.abs(back - want).mean(), np.abs(back - want[:, :, ::-1]).mean()
+        assert err < 8.0 and swapped > 2 * err, (err, swapped)  # JPEG's own error; channels in order
+    grey = Image.open(photo_file).convert("L")
+    buf = io.BytesIO()
+    grey.save(buf, "JPEG", quality=90)
+    w, h = grey.size
+    info, _, img = inspect_image(buf.getvalue(), FilterOptions(), opts("keep_ratio", min(w, h) // 8))
+    assert isinstance(img, np.ndarray) and img.ndim == 2  # greyscale stays one channel
+    out, _ = resize_image(img, info, opts("keep_ratio", min(w, h) // 8))  # type: ignore[arg-type]
+    assert out.mode == "L" and min(out.size) == min(w, h) // 8
 
 
 def test_resize_flags_and_their_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture,
@@ -178,8 +233,31 @@ def test_phash_is_imagehash_bit_for_bit() -> None:
     images += [Image.fromarray(rng.integers(0, 256, (int(rng.integers(8, 70)), int(rng.integers(8, 70)), 3),
                                             dtype=np.uint8)) for _ in range(40)]
     images += [Image.new("RGB", (40, 30), (c, c, c)) for c in (0, 128, 255)] + [images[0].convert("L")]
+    # the sizes shard-pairs hashes (photos scaled to 256 on the short side, or kept), odd ones, 32x32
+    images += [images[i % 12].resize(size) for i, size in enumerate(
+        [(341, 256), (256, 384), (384, 256), (256, 256), (1000, 257), (33, 700), (32, 32), (31, 33)])]
+    images += [images[i % 12].resize((int(w), int(h))) for i, (w, h) in enumerate(rng.integers(5, 400, (40, 2)))]
     for img in images:
+        assert image_phash(img) == int(str(imagehash.phash(img)), 16), img.size
+
+
+def test_phash_falls_back_to_pillow_when_the_matrix_resize_disagrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The matrix form of Pillow's resize is checked per input size against Pillow itself;
+    a disagreement (here: a planted off-by-one) must route that size through Pillow, so the
+    hash stays imagehash's."""
+    import imagehash
+
+    from data_tools import dedup
+
+    real = dedup._lanczos_passes
+    monkeypatch.setattr(dedup, "_lanczos_passes", lambda px, side, rows_first: real(px, side, rows_first) + 1)
+    dedup._pass_order.cache_clear()
+    img = Image.open(sorted((SHARED_DATA / "pairs" / "coco_mini" / "images").glob("*.jpg"))[0]).resize((341, 256))
+    try:
         assert image_phash(img) == int(str(imagehash.phash(img)), 16)
+        assert dedup._pass_order(341, 256, 32) is None
+    finally:
+        dedup._pass_order.cache_clear()
 
 
 # --- the connection layer ----------------------------------------------------------------------
