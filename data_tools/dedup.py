@@ -8,6 +8,7 @@ image with several distinct captions survives while true repeats do not.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -98,24 +99,108 @@ def _dct8() -> Any:
     return _dct_rows
 
 
+_PRECISION = 22
+"""Fixed-point fraction bits of Pillow's 8-bit resampling (Resample.c: 32 - 8 - 2)."""
+
+
+@functools.lru_cache(maxsize=128)
+def _lanczos_weights(in_size: int, out_size: int) -> Any:
+    """(out_size, in_size) matrix of the integer weights Pillow's LANCZOS resize of 8-bit
+    pixels uses along one axis, computed in its order of double operations (support 3
+    scaled by the reduction, each row normalised to sum 1, rounded half away from zero
+    to 22 fraction bits). Cached: photos come in a few sizes."""
+    import numpy as np
+
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 3.0 * filterscale
+    inv = 1.0 / filterscale
+
+    def sinc(x: float) -> float:
+        if x == 0.0:
+            return 1.0
+        x = x * math.pi
+        return math.sin(x) / x
+
+    out = np.zeros((out_size, in_size))
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        n = min(int(center + support + 0.5), in_size) - lo
+        ws = []
+        for x in range(n):
+            t = (x + lo - center + 0.5) * inv
+            ws.append(sinc(t) * sinc(t / 3) if -3.0 <= t < 3.0 else 0.0)
+        total = 0.0
+        for w in ws:
+            total += w
+        for x, w in enumerate(ws):
+            w = w / total if total != 0.0 else w
+            out[xx, lo + x] = int(-0.5 + w * (1 << _PRECISION)) if w < 0 else int(0.5 + w * (1 << _PRECISION))
+    return out
+
+
+def _lanczos_passes(px: Any, side: int, rows_first: bool) -> Any:
+    """``px`` (float64 grey pixels) resized to ``side`` x ``side`` with Pillow's LANCZOS
+    arithmetic as two matrix products, each pass rounded and clipped to 8 bits as Pillow
+    does. Every intermediate is an integer below 2^53, so float64 products are exact."""
+    import numpy as np
+
+    half, one = float(1 << (_PRECISION - 1)), float(1 << _PRECISION)
+    across, down = _lanczos_weights(px.shape[1], side).T, _lanczos_weights(px.shape[0], side)
+    if rows_first:
+        tmp = np.clip(np.floor((px @ across + half) / one), 0, 255)
+        return np.clip(np.floor((down @ tmp + half) / one), 0, 255)
+    tmp = np.clip(np.floor((down @ px + half) / one), 0, 255)
+    return np.clip(np.floor((tmp @ across + half) / one), 0, 255)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pass_order(width: int, height: int, side: int) -> bool | None:
+    """Which pass Pillow runs first for this input size (True: along rows), found by
+    resizing a random picture of that size both ways and comparing with Pillow's own
+    result; None when neither reproduces it (then :func:`image_phash` calls Pillow).
+    Pillow releases differ in this order, and a wrong one moves pixels by one level.
+    Once per size per process: output images come in few sizes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(width * 65537 + height)
+    grey = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8))
+    want = np.asarray(grey.resize((side, side), Image.Resampling.LANCZOS), dtype=np.float64)
+    px = np.asarray(grey, dtype=np.float64)
+    for rows_first in (True, False):
+        if np.array_equal(_lanczos_passes(px, side, rows_first), want):
+            return rows_first
+    return None
+
+
 def image_phash(image: Any) -> int:
     """64-bit perceptual hash of a PIL image as an int (hex in the sample json).
 
     imagehash.phash's algorithm, bit for bit (tests compare the two): grey, 32x32 LANCZOS,
     2-D DCT-II, the 8x8 lowest frequencies against their median, row by row, first bit
-    highest. Only the 64 coefficients it keeps are computed (two small matrix products
-    instead of two full FFT-based transforms), without importing scipy. The coefficients
-    are rounded to 1e-6 before the comparison so that flat images, whose AC terms are zero
-    up to floating-point noise, hash the same on every machine.
+    highest. The resize is Pillow's arithmetic done as two matrix products, ~2.5x cheaper
+    than its loop over every filter tap on a 341 x 256 image (:func:`_lanczos_passes`,
+    checked against Pillow once per input size); only the 64
+    DCT coefficients it keeps are computed (two small matrix products instead of two
+    FFT-based transforms), without importing scipy. The coefficients are rounded to 1e-6
+    before the comparison so that flat images, whose AC terms are zero up to
+    floating-point noise, hash the same on every machine.
     """
     import numpy as np
     from PIL import Image
 
     grey = image if image.mode == "L" else image.convert("L")
-    px = np.asarray(grey.resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.LANCZOS), dtype=np.float64)
+    order = None if grey.size == (_PHASH_SIDE, _PHASH_SIDE) else _pass_order(*grey.size, _PHASH_SIDE)
+    if order is None:  # also 32 x 32, which Pillow returns as it is
+        px = np.asarray(grey.resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.LANCZOS), dtype=np.float64)
+    else:
+        px = _lanczos_passes(np.asarray(grey, dtype=np.float64), _PHASH_SIDE, order)
     m = _dct8()
     low = np.round(m @ px @ m.T, 6)
-    bits = low > np.median(low)
+    ranked = np.sort(low, axis=None)
+    bits = low > (ranked[31] + ranked[32]) / 2  # np.median of the 64, without its generic machinery
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
