@@ -9,7 +9,7 @@ from typing import Any
 
 from data_tools.dedup import NEAR_DUP_DEFAULT
 from data_tools.download import DownloadOptions
-from data_tools.filters import RESIZE_MODES, FilterOptions, ImageOptions
+from data_tools.filters import RESIZE_FILTERS, RESIZE_MODES, FilterOptions, ImageOptions
 from data_tools.sources import INPUT_FORMATS
 
 
@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
                          "img2dataset's --resize_only_if_bigger)")
     sp.add_argument("--max-side", type=int, default=0,
                     help="older spelling of --resize-mode keep_ratio_largest --image-size N")
+    sp.add_argument("--resize-filter", choices=RESIZE_FILTERS, default=ImageOptions.resize_filter,
+                    help="how a downscale ends: fast (default: JPEGs decoded at a reduced DCT scale, then a "
+                         "bilinear step under 2x) or area (an exact area average, img2dataset's filter: closer "
+                         "to the ideal downscale for ~2 CPU-ms more per 640-px photo)")
     sp.add_argument("--jpeg-quality", type=int, default=ImageOptions.jpeg_quality)
     sp.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG")
     dl = DownloadOptions()
@@ -182,7 +186,7 @@ def _shard_pairs(args: argparse.Namespace) -> Any:
                              "give one or the other")
         mode, size = "keep_ratio_largest", args.max_side
     images = ImageOptions(resize_mode=mode, image_size=size, upscale=args.upscale, jpeg_quality=args.jpeg_quality,
-                          reencode=args.reencode)
+                          reencode=args.reencode, resize_filter=args.resize_filter)
     download = DownloadOptions(timeout=args.timeout, retries=args.retries, backoff=args.retry_backoff,
                                max_bytes=args.max_image_bytes, max_redirects=args.max_redirects,
                                threads=args.download_threads, user_agent=args.user_agent)

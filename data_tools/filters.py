@@ -176,6 +176,10 @@ STORED_FORMATS = ("jpg", "png", "webp")
 #: then white padding to the image_size square; no: the original bytes stay.
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 
+#: How a downscale ends (:func:`resize_image`): ``fast``, a bilinear step after the reduced
+#: JPEG decode; ``area``, an exact area average (OpenCV INTER_AREA, img2dataset's filter).
+RESIZE_FILTERS = ("fast", "area")
+
 
 @dataclass
 class ImageOptions:
@@ -190,10 +194,16 @@ class ImageOptions:
     jpeg_quality: int = 90
     reencode: bool = False
     """Re-encode every image as JPEG (strips EXIF and odd codecs), not only resized ones."""
+    resize_filter: str = "fast"
+    """``fast``: the reduced JPEG decode finished by a bilinear step under 2x; ``area``: every
+    downscale ends in an exact area average, as img2dataset's does (closer to the ideal box
+    downscale, ~2 CPU-ms more per 640-px photo: docs/BENCHMARKS.md, data-stages)."""
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"--resize-mode {self.resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}")
+        if self.resize_filter not in RESIZE_FILTERS:
+            raise ValueError(f"--resize-filter {self.resize_filter!r}: choose one of {', '.join(RESIZE_FILTERS)}")
         if self.resize_mode != "no" and self.image_size < 1:
             raise ValueError(f"--resize-mode {self.resize_mode} needs --image-size N (pixels, at least 1)")
         if not 1 <= self.jpeg_quality <= 100:
@@ -313,10 +323,14 @@ def resize_image(img: Pixels, info: ImageInfo, opts: ImageOptions) -> tuple[Imag
     Pixels from :func:`decode_jpeg` are within 2x of the output (unless over 8x it): OpenCV's
     bilinear filter finishes such a reduction, and area averaging a larger one. On the
     benchmark's photos the result is closer to an exact area average than Pillow's BOX from
-    full size, at a tenth of the cost (docs/BENCHMARKS.md, data-stages). Pillow images use
-    BOX, which averages the source pixels each output pixel covers. Enlarging (``upscale``)
-    uses LANCZOS, as img2dataset does."""
+    full size, at a tenth of the cost (docs/BENCHMARKS.md, data-stages). ``resize_filter``
+    ``area`` ends every downscale in an exact area average instead (OpenCV INTER_AREA). Other
+    Pillow images use BOX, which averages the source pixels whose centres each output pixel
+    covers. Enlarging (``upscale``) uses LANCZOS, as img2dataset does."""
     g = geometry(info.width, info.height, opts)
+    if (opts.resize_filter == "area" and isinstance(img, Image.Image) and g.scaled is not None
+            and g.scaled[0] < img.width):  # Pillow's BOX weighs whole pixels, not their coverage
+        img = np.asarray(_rgb(img))
     if isinstance(img, np.ndarray):
         h, w = img.shape[:2]
         if g.scaled is not None and (w, h) != g.scaled and g.scaled[0] < w:
@@ -324,11 +338,14 @@ def resize_image(img: Pixels, info: ImageInfo, opts: ImageOptions) -> tuple[Imag
 
             if cv2.getNumThreads() != 1:
                 cv2.setNumThreads(1)  # one image per call; the parallelism is the worker processes
-            area = w > 2 * g.scaled[0] or h > 2 * g.scaled[1]
+            area = opts.resize_filter == "area" or w > 2 * g.scaled[0] or h > 2 * g.scaled[1]
             img = cv2.resize(img, g.scaled, interpolation=cv2.INTER_AREA if area else cv2.INTER_LINEAR)
         img = np.ascontiguousarray(img)
-        mode = "L" if img.ndim == 2 else "RGBX"
-        img = Image.frombuffer(mode, (img.shape[1], img.shape[0]), img, "raw", mode, 0, 1)  # shares the array
+        if img.ndim == 2 or img.shape[2] == 4:
+            mode = "L" if img.ndim == 2 else "RGBX"
+            img = Image.frombuffer(mode, (img.shape[1], img.shape[0]), img, "raw", mode, 0, 1)  # shares the array
+        else:
+            img = Image.fromarray(img)
     if g.scaled is not None and img.size != g.scaled:
         up = g.scaled[0] > img.width
         img = _rgb(img).resize(g.scaled, Image.Resampling.LANCZOS if up else Image.Resampling.BOX)

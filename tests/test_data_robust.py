@@ -406,7 +406,7 @@ def test_every_option_has_a_flag_that_reaches_the_code(tmp_path: Path, monkeypat
             "--strict", "--dedup", "pair", "--near-dup-distance", "3", "--min-side", "7", "--max-aspect", "2.5",
             "--max-pixels", "99", "--min-caption-chars", "3", "--min-caption-words", "4", "--max-caption-chars",
             "77", "--no-verify-decode", "--resize-mode", "border", "--image-size", "300", "--upscale", "--jpeg-quality",
-            "80", "--reencode", "--timeout", "3",
+            "80", "--reencode", "--resize-filter", "area", "--timeout", "3",
             "--retries", "5", "--retry-backoff", "0.25", "--max-image-bytes", "1234", "--max-redirects", "2",
             "--download-threads", "9", "--user-agent", "UA/1", "--clip-model", "M", "--clip-pretrained", "P",
             "--clip-threshold", "0.2", "--clip-device", "cuda", "--clip-batch-size", "16", "--eval-sts", "S",
@@ -417,7 +417,8 @@ def test_every_option_has_a_flag_that_reaches_the_code(tmp_path: Path, monkeypat
     f, i, d, c = got["filters"], got["images"], got["download"], got["clip"]
     assert (f.min_side, f.max_aspect, f.max_pixels, f.min_caption_chars, f.min_caption_words, f.max_caption_chars,
             f.verify_decode) == (7, 2.5, 99, 3, 4, 77, False)
-    assert (i.resize_mode, i.image_size, i.upscale, i.jpeg_quality, i.reencode) == ("border", 300, True, 80, True)
+    assert (i.resize_mode, i.image_size, i.upscale, i.jpeg_quality, i.reencode, i.resize_filter) == \
+        ("border", 300, True, 80, True, "area")
     assert (d.timeout, d.retries, d.backoff, d.max_bytes, d.max_redirects, d.threads, d.user_agent) == \
         (3.0, 5, 0.25, 1234, 2, 9, "UA/1")
     assert (c.model, c.pretrained, c.threshold, c.top_fraction, c.device, c.batch_size) == \
