@@ -160,7 +160,8 @@ def _pass_order(width: int, height: int, side: int) -> bool | None:
     """Which pass Pillow runs first for this input size (True: along rows), found by
     resizing a random picture of that size both ways and comparing with Pillow's own
     result; None when neither reproduces it (then :func:`image_phash` calls Pillow).
-    Pillow releases differ in this order, and a wrong one moves pixels by one level.
+    Pillow 13 does not always run the row pass first, and a wrong order moves pixels by
+    one level.
     Once per size per process: output images come in few sizes."""
     import numpy as np
     from PIL import Image

@@ -91,8 +91,8 @@ def inspect_image(data: bytes, opts: FilterOptions, images: ImageOptions | None 
                   ) -> tuple[ImageInfo | None, str | None, Pixels | None]:
     """Header checks first, then at most one decode: with ``verify_decode``, or when
     ``images`` resizes or re-encodes. Returns (info, drop reason, decoded pixels) so hashing
-    and resizing reuse them. ``info`` keeps the original size. A JPEG is decoded by
-    libjpeg-turbo directly at the smallest DCT scale (n/8) that still covers the output
+    and resizing reuse them. ``info`` keeps the original size. A YCbCr or greyscale JPEG is
+    read and decoded by libjpeg-turbo at a reduced scale that still covers the output
     (:func:`decode_jpeg`); anything it refuses (other formats, CMYK, a warning such as a
     truncated file) goes through Pillow, which decides as it always has."""
     if not data:
@@ -100,9 +100,9 @@ def inspect_image(data: bytes, opts: FilterOptions, images: ImageOptions | None 
     if looks_like_html(data):
         return None, "image_is_html", None
     img: Image.Image | None = None
-    size = _jpeg_size(data)
-    if size is not None:  # libjpeg-turbo read the header (~2 us; Pillow's open takes ~15x that)
-        (width, height), fmt = size, "jpeg"
+    head = _jpeg_header(data)
+    if head is not None:  # libjpeg-turbo read the header (~2 us; Pillow's open takes ~15x that)
+        width, height, fmt = head[0], head[1], "jpeg"
         if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
             return None, "image_too_many_pixels", None  # where Pillow's open would warn
     else:
@@ -121,8 +121,8 @@ def inspect_image(data: bytes, opts: FilterOptions, images: ImageOptions | None 
     pixels = images is not None and (images.resize_mode != "no" or images.reencode or info.format not in STORED_FORMATS)
     if not (opts.verify_decode or pixels):
         return info, None, None
-    if info.format == "jpg":
-        fast = decode_jpeg(data, info, images)
+    if head is not None:
+        fast = decode_jpeg(data, *head, images)
         if fast is not None:
             return info, None, fast
     if img is None:
@@ -153,18 +153,19 @@ def _open(data: bytes) -> Image.Image | str:
         return "image_undecodable"
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a JPEG that :func:`decode_jpeg` can decode, from libjpeg-turbo's
-    header parse; None for anything else (Pillow then opens it)."""
+def _jpeg_header(data: bytes) -> tuple[int, int, str] | None:
+    """(width, height, pixels to ask for) of a JPEG that :func:`decode_jpeg` can decode,
+    from libjpeg-turbo's header parse; None for anything else (Pillow then opens it)."""
     if data[:2] != b"\xff\xd8":
         return None
-    try:
-        import simplejpeg
+    import simplejpeg
 
+    try:
         height, width, space, _ = simplejpeg.decode_jpeg_header(data)
-    except (ImportError, ValueError):
+    except ValueError:
         return None
-    return (width, height) if space in _JPEG_SPACES else None
+    target = _JPEG_SPACES.get(space)
+    return None if target is None else (width, height, target)
 
 
 # Formats the trainer decodes (trainer/data.py IMAGE_EXTS); anything else is re-encoded.
@@ -266,31 +267,26 @@ def _rgb(img: Image.Image) -> Image.Image:
     return img if img.mode in ("RGB", "L", "RGBX") else img.convert("RGB")
 
 
-def decode_jpeg(data: bytes, info: ImageInfo, opts: ImageOptions | None) -> np.ndarray | None:
-    """A YCbCr or greyscale JPEG's pixels (H x W x 4 RGBX, or H x W grey) from libjpeg-turbo,
-    decoded at the smallest of the scales 1, 1/2, 1/4, 1/8 that is still at least the
-    output size, or None to let Pillow decode it (CMYK and other colour spaces, simplejpeg
-    missing, or any libjpeg warning: strict decoding turns a truncated or damaged file into
-    a refusal, and Pillow then reports it as it always has).
+def decode_jpeg(data: bytes, width: int, height: int, target: str, opts: ImageOptions | None,
+                ) -> np.ndarray | None:
+    """The pixels of a JPEG whose header :func:`_jpeg_header` read (H x W x 4 RGBX, or H x W
+    grey for ``target`` GRAY) from libjpeg-turbo, decoded at the smallest of the scales 1,
+    1/2, 1/4, 1/8 that is still at least the output size; or None to let Pillow decode it
+    (any libjpeg warning: strict decoding turns a truncated or damaged file into a refusal,
+    and Pillow then reports it as it always has).
 
     Why these scales: libjpeg-turbo's inverse DCT is SIMD code at full, 1/2 and 1/4 size (1/8
     keeps only the DC term); its other n/8 scales are plain C and cost more than a full
     decode. What is left to :func:`resize_image` is then under 2x except past 1/8. Decoding
     reads every coefficient at any scale, so a file cut short is still caught."""
+    import simplejpeg
+
+    g = geometry(width, height, opts) if opts is not None else Geometry()
+    k = 1
+    if g.scaled is not None:
+        while k < 8 and -(-width // (2 * k)) >= g.scaled[0] and -(-height // (2 * k)) >= g.scaled[1]:
+            k *= 2
     try:
-        import simplejpeg
-    except ImportError:  # an environment without it keeps the Pillow path
-        return None
-    try:
-        height, width, space, _ = simplejpeg.decode_jpeg_header(data)
-        target = _JPEG_SPACES.get(space)
-        if target is None or (width, height) != (info.width, info.height):
-            return None
-        g = geometry(width, height, opts) if opts is not None else Geometry()
-        k = 1
-        if g.scaled is not None:
-            while k < 8 and -(-width // (2 * k)) >= g.scaled[0] and -(-height // (2 * k)) >= g.scaled[1]:
-                k *= 2
         # simplejpeg picks the largest reduction whose output is at least these sizes: 1/k's own.
         px = simplejpeg.decode_jpeg(data, colorspace=target, min_width=-(-width // k) if k > 1 else 0,
                                     min_height=-(-height // k) if k > 1 else 0, strict=True)

@@ -329,13 +329,10 @@ def start_worker(parent_pid: int) -> None:
     one image at a time and the pool is the parallelism; OpenBLAS would otherwise spread
     the phash's matrix products over every core and spin-wait there (measured: ~50% more
     CPU for the same products)."""
-    die_with_parent(parent_pid)
-    try:
-        from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits
 
-        threadpool_limits(1)
-    except ImportError:
-        pass
+    die_with_parent(parent_pid)
+    threadpool_limits(1)
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
