@@ -88,15 +88,20 @@ def test_sbatch_preemption_drill_matches_an_uninterrupted_job(cluster: Cluster, 
             break
         d = states[drill]
         if d.get("JobState") == "PENDING" and d.get("Restarts") == "1" and not released:
-            # Slurm holds a requeued job back for a while; a busy cluster would start it later.
-            cluster.run("scontrol", "update", f"JobId={drill}", "StartTime=now", check=False)
+            # Slurm holds a requeued job back for ~20 min; release it early, but not within the second
+            # of the requeue: slurmd refuses a launch credential no newer than the one it revoked
+            # ("Job credential revoked") and the job would end FAILED without restarting.
+            cluster.run("scontrol", "update", f"JobId={drill}", "StartTime=now+2", check=False)
             released = True
-        assert time.time() < deadline, states
+        assert time.time() < deadline, cluster.diagnose(drill, (tmp_path / f"slurm-{drill}.out").read_text(),
+                                                        runs / "drill" / "slurm")
         time.sleep(1)
 
     log = (tmp_path / f"slurm-{drill}.out").read_text()
-    assert states[plain]["JobState"] == "COMPLETED" and states[plain]["Restarts"] == "0", states[plain]
-    assert states[drill]["JobState"] == "COMPLETED" and states[drill]["Restarts"] == "1", (states[drill], log)
+    assert states[plain]["JobState"] == "COMPLETED" and states[plain]["Restarts"] == "0", \
+        cluster.diagnose(plain, (tmp_path / f"slurm-{plain}.out").read_text(), runs / "plain" / "slurm")
+    assert states[drill]["JobState"] == "COMPLETED" and states[drill]["Restarts"] == "1", \
+        cluster.diagnose(drill, log, runs / "drill" / "slurm")
     assert "received USR1" in log and "requeueing job" in log and "restart 1:" in log
     preempted_at = int(log.split('checkpoint committed ({"step": ')[1].split(",")[0])
     assert 30 <= preempted_at < STEPS
