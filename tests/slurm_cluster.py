@@ -103,17 +103,19 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         out = self.run("scontrol", "show", "job", "-o", job_id, check=False).stdout
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
-    def diagnose(self, job_id: str, batch_log: str, node_logs: Path | None = None, lines: int = 25) -> str:
+    def diagnose(self, job_id: str, batch_log: Path, node_logs: Path | None = None, lines: int = 25) -> str:
         """Everything needed to tell why a job ended as it did, as one string: pytest prints a
-        string assertion message in full, while a dict or tuple would be cut to one line."""
-        def tail(path: Path) -> str:
+        string assertion message in full, while a dict or tuple would be cut to one line. A file
+        not written yet is named, not raised: the message must not hide the failure."""
+        def tail(path: Path, keep: int | None = lines) -> str:
             try:
-                return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+                text = path.read_text(errors="replace").splitlines()
             except OSError as err:
                 return f"({err})"
+            return "\n".join(text[-keep:] if keep else text)
 
         job = self.run("scontrol", "show", "job", job_id, check=False).stdout
-        parts = [f"--- scontrol show job {job_id}\n{job}", f"--- batch log\n{batch_log}",
+        parts = [f"--- scontrol show job {job_id}\n{job}", f"--- {batch_log.name}\n{tail(batch_log, None)}",
                  f"--- slurmctld.log (last {lines} lines)\n{tail(self.folder / 'slurmctld.log')}"]
         parts += [f"--- slurmd.{n}.log\n{tail(self.folder / f'slurmd.{n}.log')}" for n in self.nodes]
         if node_logs is not None:

@@ -71,6 +71,9 @@ def test_sbatch_preemption_drill_matches_an_uninterrupted_job(cluster: Cluster, 
                           "launch/slurm.sh", str(config), f"train.run_name={name}", cwd=ROOT)
         return out.stdout.strip().split(";")[0]
 
+    def why(job: str, name: str) -> str:
+        return cluster.diagnose(job, tmp_path / f"slurm-{job}.out", runs / name / "slurm")
+
     plain = submit("plain", nodes=1, procs=2)  # one node, two ranks, never interrupted
     drill = submit("drill", nodes=2, procs=1)  # two nodes, one rank each, preempted mid-run
     deadline = time.time() + 300
@@ -93,15 +96,12 @@ def test_sbatch_preemption_drill_matches_an_uninterrupted_job(cluster: Cluster, 
             # ("Job credential revoked") and the job would end FAILED without restarting.
             cluster.run("scontrol", "update", f"JobId={drill}", "StartTime=now+2", check=False)
             released = True
-        assert time.time() < deadline, cluster.diagnose(drill, (tmp_path / f"slurm-{drill}.out").read_text(),
-                                                        runs / "drill" / "slurm")
+        assert time.time() < deadline, why(drill, "drill")
         time.sleep(1)
 
     log = (tmp_path / f"slurm-{drill}.out").read_text()
-    assert states[plain]["JobState"] == "COMPLETED" and states[plain]["Restarts"] == "0", \
-        cluster.diagnose(plain, (tmp_path / f"slurm-{plain}.out").read_text(), runs / "plain" / "slurm")
-    assert states[drill]["JobState"] == "COMPLETED" and states[drill]["Restarts"] == "1", \
-        cluster.diagnose(drill, log, runs / "drill" / "slurm")
+    assert states[plain]["JobState"] == "COMPLETED" and states[plain]["Restarts"] == "0", why(plain, "plain")
+    assert states[drill]["JobState"] == "COMPLETED" and states[drill]["Restarts"] == "1", why(drill, "drill")
     assert "received USR1" in log and "requeueing job" in log and "restart 1:" in log
     preempted_at = int(log.split('checkpoint committed ({"step": ')[1].split(",")[0])
     assert 30 <= preempted_at < STEPS
